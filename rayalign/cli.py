@@ -1,0 +1,137 @@
+"""The `rayalign` command: one subcommand per stage, each a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rayalign.config import ConfigError, dump_config, load_config
+
+STAGES_NOT_BUILT = {
+    "clair": "build CLAIR preference pairs on Ray Data with vLLM",
+    "train": "APO training on Ray Train with DeepSpeed",
+    "serve": "serve checkpoints on Ray Serve behind an OpenAI-compatible API",
+    "eval": "evaluate served models through the endpoint",
+    "pipeline": "run clair, reference, train, serve and eval in order",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML run config (defaults when omitted)")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. train.beta=0.2 (the value is read as YAML)")
+
+
+def cmd_init_model(args: argparse.Namespace) -> int:
+    from rayalign.models import init_model
+
+    out = init_model(args.out_dir, preset=args.preset, tokenizer_kind=args.tokenizer, seed=args.seed)
+    print(f"wrote a {args.preset} model with a {args.tokenizer} tokenizer to {out}")
+    return 0
+
+
+def cmd_validate_data(args: argparse.Namespace) -> int:
+    from rayalign import records
+
+    report = records.validate_file(args.path, kind=args.kind, quarantine=args.quarantine)
+    if report.bad and not args.quarantine:
+        raise report.error()
+    moved = f"; {report.bad} bad written to {args.quarantine}" if report.bad else ""
+    print(f"{args.path}: {report.read} {args.kind} rows read, {report.good} good{moved}")
+    return 0
+
+
+def cmd_import_pairs(args: argparse.Namespace) -> int:
+    from rayalign.importers import import_pairs
+
+    summary = import_pairs(args.src, args.out_dir, layout=args.layout, fmt=args.format,
+                           quarantine=args.quarantine)
+    moved = f"; {summary.bad} bad written to {args.quarantine}" if summary.bad else ""
+    print(f"{args.src}: {summary.read} rows read as layout {summary.layout!r}, "
+          f"{summary.good} pairs written to {args.out_dir} in {len(summary.paths)} shard(s){moved}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rayalign.demo import run_demo
+
+    return run_demo(args.run_dir)
+
+
+def _not_built(name: str):
+    def run(args: argparse.Namespace) -> int:
+        load_config(args.config, args.overrides)
+        print(f"rayalign {name} ({STAGES_NOT_BUILT[name]}) is not built yet.", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rayalign",
+        description="CLAIR preference pairs and APO training on Ray (Ray Data + vLLM, Ray Train + "
+        "DeepSpeed, Ray Serve).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init-model", help="create a tiny Llama model and tokenizer locally (no hub)")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--preset", choices=["tiny", "bench"], default="tiny",
+                   help="tiny: ~0.5M parameters for tests; bench: ~25M for benchmarks")
+    p.add_argument("--tokenizer", choices=["bpe", "word"], default="bpe",
+                   help="bpe: byte-level BPE; word: one token per whitespace-separated word")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init_model)
+
+    p = sub.add_parser("validate-data", help="check a prompt or pair file and report every bad row")
+    p.add_argument("path", metavar="PATH", help="JSONL or Parquet file, or a directory of shards")
+    p.add_argument("--kind", choices=["prompts", "pairs"], default="prompts")
+    p.add_argument("--quarantine", metavar="REJECTS", help="write bad rows here with their reason and go on")
+    p.set_defaults(func=cmd_validate_data)
+
+    p = sub.add_parser("import-pairs", help="import existing preference data (TRL, UltraFeedback, HH layouts)")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--layout", choices=["auto", "trl", "ultrafeedback", "implicit"], default="auto")
+    p.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    p.add_argument("--quarantine", metavar="REJECTS", help="write bad rows here with their reason and go on")
+    p.set_defaults(func=cmd_import_pairs)
+
+    p = sub.add_parser("config", help="print the resolved configuration")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    for name, text in STAGES_NOT_BUILT.items():
+        p = sub.add_parser(name, help=f"{text} (not built yet)")
+        _add_config_args(p)
+        p.set_defaults(func=_not_built(name))
+
+    p = sub.add_parser("demo", help="the embedded default: everything on CPU with tiny local models")
+    p.add_argument("--run-dir", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rayalign.records import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as exc:
+        print(f"rayalign {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"rayalign {args.command}: error: {Path(exc.filename or '?')}: not found", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""Typed configuration for every stage, loaded from YAML with `section.key=value` overrides.
+
+One `RunConfig` describes a whole run; each subcommand reads its own section. Loading is
+strict: an unknown key, a value of the wrong type or an impossible value raises `ConfigError`
+with one sentence that names the dotted key (for example `train.zero_stage`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key."""
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ClusterConfig:
+    """Where Ray runs. `address` None starts a local Ray unless one is reachable (a Ray Job)."""
+
+    address: str | None = None
+    # Logical CPUs for a local Ray; on a 2-core box more than the physical count lets an
+    # engine, the Serve ingress and Train workers be placed together.
+    num_cpus: int | None = None
+    object_store_memory_gb: float | None = None
+    use_gpu: bool = False
+
+    def validate(self, key: str) -> None:
+        _check(self.num_cpus is None or self.num_cpus >= 1, f"{key}.num_cpus", "must be at least 1")
+        _check(
+            self.object_store_memory_gb is None or self.object_store_memory_gb > 0,
+            f"{key}.object_store_memory_gb",
+            "must be positive",
+        )
+
+
+@dataclass
+class EngineConfig:
+    """A vLLM engine: the same keys on CPU and GPU, only the resources differ."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int = 1024
+    # On CPU this is the fraction of RAM for the KV cache.
+    gpu_memory_utilization: float = 0.15
+    tensor_parallel_size: int = 1
+    # Engine replicas (Ray Data actors or Serve replicas).
+    concurrency: int = 1
+    batch_size: int = 64
+    cpus_per_engine: float = 1.0
+    gpus_per_engine: float = 0.0
+
+    def validate(self, key: str) -> None:
+        _check(self.max_model_len >= 16, f"{key}.max_model_len", "must be at least 16")
+        _check(
+            0 < self.gpu_memory_utilization <= 1,
+            f"{key}.gpu_memory_utilization",
+            "must be in (0, 1]",
+        )
+        for name in ("tensor_parallel_size", "concurrency", "batch_size"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be at least 1")
+        _check(self.cpus_per_engine >= 0, f"{key}.cpus_per_engine", "must not be negative")
+        _check(self.gpus_per_engine >= 0, f"{key}.gpus_per_engine", "must not be negative")
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 256
+    n: int = 1
+    seed: int | None = 0
+
+    def validate(self, key: str) -> None:
+        _check(self.temperature >= 0, f"{key}.temperature", "must not be negative")
+        _check(0 < self.top_p <= 1, f"{key}.top_p", "must be in (0, 1]")
+        _check(self.max_tokens >= 1, f"{key}.max_tokens", "must be at least 1")
+        _check(self.n >= 1, f"{key}.n", "must be at least 1")
+
+
+@dataclass
+class ReviserConfig:
+    """Who writes y_w. `verifier` needs prompts with reference answers and no model."""
+
+    backend: Literal["verifier", "vllm", "openai"] = "verifier"
+    model: str | None = None
+    base_url: str | None = None
+    # The key itself is never stored in a config: only the variable's name.
+    api_key_env: str = "OPENAI_API_KEY"
+    structured_output: bool = False
+    max_concurrency: int = 8
+    requests_per_second: float | None = None
+    max_retries: int = 6
+    timeout_s: float = 60.0
+    temperature: float = 0.7
+    max_tokens: int = 1024
+    revision_template: str | None = None
+    judge_template: str | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def validate(self, key: str) -> None:
+        if self.backend in ("vllm", "openai"):
+            _check(self.model is not None, f"{key}.model", f"is required for backend {self.backend!r}")
+        if self.backend == "openai":
+            _check(self.base_url is not None, f"{key}.base_url", "is required for backend 'openai'")
+        _check(self.max_concurrency >= 1, f"{key}.max_concurrency", "must be at least 1")
+        _check(
+            self.requests_per_second is None or self.requests_per_second > 0,
+            f"{key}.requests_per_second",
+            "must be positive",
+        )
+        _check(self.max_retries >= 0, f"{key}.max_retries", "must not be negative")
+        _check(self.timeout_s > 0, f"{key}.timeout_s", "must be positive")
+        _check(self.max_tokens >= 1, f"{key}.max_tokens", "must be at least 1")
+        self.engine.validate(f"{key}.engine")
+
+
+@dataclass
+class ClairConfig:
+    prompts: str | None = None
+    output: str | None = None
+    mode: Literal["clair", "stronger_preferred", "onpolicy_judge", "offpolicy"] = "clair"
+    target_model: str | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    reviser: ReviserConfig = field(default_factory=ReviserConfig)
+    judge: Literal["verifier", "llm"] = "verifier"
+    format: Literal["jsonl", "parquet"] = "jsonl"
+    rows_per_shard: int = 10_000
+    limit: int | None = None
+    max_total_tokens: int | None = None
+
+    def validate(self, key: str) -> None:
+        self.sampling.validate(f"{key}.sampling")
+        self.engine.validate(f"{key}.engine")
+        self.reviser.validate(f"{key}.reviser")
+        _check(self.rows_per_shard >= 1, f"{key}.rows_per_shard", "must be at least 1")
+        _check(self.limit is None or self.limit >= 1, f"{key}.limit", "must be at least 1")
+        _check(
+            self.max_total_tokens is None or self.max_total_tokens >= 1,
+            f"{key}.max_total_tokens",
+            "must be at least 1",
+        )
+        if self.mode == "onpolicy_judge":
+            _check(self.sampling.n >= 2, f"{key}.sampling.n", "must be at least 2 for mode 'onpolicy_judge'")
+
+
+@dataclass
+class ReferenceConfig:
+    """The frozen reference model's log-probs, computed once as a Ray Data pass."""
+
+    model: str | None = None
+    batch_size: int = 16
+    concurrency: int = 1
+    # Compute reference log-probs inside the training step instead of a separate pass.
+    on_the_fly: bool = False
+
+    def validate(self, key: str) -> None:
+        _check(self.batch_size >= 1, f"{key}.batch_size", "must be at least 1")
+        _check(self.concurrency >= 1, f"{key}.concurrency", "must be at least 1")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def validate(self, key: str) -> None:
+        _check(self.r >= 1, f"{key}.r", "must be at least 1")
+        _check(0 <= self.dropout < 1, f"{key}.dropout", "must be in [0, 1)")
+
+
+LOSS_NAMES = ("apo_zero", "apo_down", "dpo", "ipo", "hinge", "sft", "kto", "apo_zero_unpaired")
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = None
+    pairs: str | None = None
+    output: str | None = None
+    loss: str = "apo_zero"
+    beta: float = 0.1
+    loss_options: dict[str, float] = field(default_factory=dict)
+    learning_rate: float = 2e-7
+    warmup_ratio: float = 0.1
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    epochs: int = 1
+    # Pairs per optimizer step across all workers.
+    batch_size: int = 64
+    micro_batch_size: int = 8
+    num_workers: int = 2
+    zero_stage: int = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    gradient_clipping: float = 1.0
+    gradient_checkpointing: bool = False
+    offload_optimizer: bool = False
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    seed: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self, key: str) -> None:
+        _check(self.loss in LOSS_NAMES, f"{key}.loss", f"must be one of {', '.join(LOSS_NAMES)}, not {self.loss!r}")
+        _check(self.beta > 0, f"{key}.beta", "must be positive")
+        _check(self.learning_rate > 0, f"{key}.learning_rate", "must be positive")
+        _check(0 <= self.warmup_ratio < 1, f"{key}.warmup_ratio", "must be in [0, 1)")
+        _check(self.epochs >= 1, f"{key}.epochs", "must be at least 1")
+        _check(self.num_workers >= 1, f"{key}.num_workers", "must be at least 1")
+        _check(self.micro_batch_size >= 1, f"{key}.micro_batch_size", "must be at least 1")
+        _check(self.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage", f"must be 0, 1, 2 or 3, not {self.zero_stage}")
+        per_step = self.micro_batch_size * self.num_workers
+        _check(
+            self.batch_size % per_step == 0,
+            f"{key}.batch_size",
+            f"({self.batch_size}) must be a multiple of micro_batch_size x num_workers ({per_step})",
+        )
+        _check(self.max_prompt_length < self.max_length, f"{key}.max_prompt_length", "must be below max_length")
+        _check(self.gradient_clipping >= 0, f"{key}.gradient_clipping", "must not be negative")
+        _check(self.checkpoint_every >= 1, f"{key}.checkpoint_every", "must be at least 1")
+        _check(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be at least 1")
+        _check(self.max_failures >= 0, f"{key}.max_failures", "must not be negative")
+        self.lora.validate(f"{key}.lora")
+
+    @property
+    def gradient_accumulation(self) -> int:
+        return self.batch_size // (self.micro_batch_size * self.num_workers)
+
+
+@dataclass
+class ServeConfig:
+    # Model name -> checkpoint directory (or hub name).
+    models: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key_env: str | None = None
+    min_replicas: int = 1
+    max_replicas: int = 1
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def validate(self, key: str) -> None:
+        _check(0 < self.port < 65536, f"{key}.port", "must be a TCP port number")
+        _check(self.min_replicas >= 0, f"{key}.min_replicas", "must not be negative")
+        _check(self.max_replicas >= max(1, self.min_replicas), f"{key}.max_replicas", "must be at least min_replicas and 1")
+        self.engine.validate(f"{key}.engine")
+
+
+@dataclass
+class EvalConfig:
+    kind: Literal["exact", "choice", "judge"] = "exact"
+    data: str | None = None
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str | None = None
+    models: list[str] = field(default_factory=list)
+    judge_model: str | None = None
+    judge_base_url: str | None = None
+    max_tokens: int = 64
+    temperature: float = 0.0
+    concurrency: int = 8
+    max_retries: int = 4
+    output: str | None = None
+
+    def validate(self, key: str) -> None:
+        _check(self.max_tokens >= 1, f"{key}.max_tokens", "must be at least 1")
+        _check(self.concurrency >= 1, f"{key}.concurrency", "must be at least 1")
+        _check(self.max_retries >= 0, f"{key}.max_retries", "must not be negative")
+        if self.kind == "judge":
+            _check(self.judge_model is not None, f"{key}.judge_model", "is required for kind 'judge'")
+            _check(len(self.models) == 2, f"{key}.models", "must name exactly two models for kind 'judge'")
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    clair: ClairConfig = field(default_factory=ClairConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self, key: str = "") -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, building nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        names = " or ".join(_type_name(o) for o in options)
+        raise ConfigError(f"{key}: expected {names}, got {value!r}")
+    if origin is Literal:
+        _check(value in typing.get_args(tp), key, f"must be {_type_name(tp)}, not {value!r}")
+        return value
+    if origin is list:
+        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `2e-7` (no dot) as a string; users mean the number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(ok, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(f"{where}: unknown key (known keys: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.beta=0.2` -> ("train.beta", 0.2); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from None
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (or defaults), apply overrides, check every value."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = loaded or {}
+    for text in overrides:
+        _set_dotted(data, *parse_override(text))
+    config = _build(RunConfig, data, "")
+    config.validate()
+    return config
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

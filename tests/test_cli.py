@@ -1,0 +1,79 @@
+import json
+import subprocess
+
+from rayalign.cli import main
+from tests.conftest import PYTHON, ROOT
+
+
+def run_cli(*args):
+    return subprocess.run([PYTHON, "-m", "rayalign.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+def test_import_rayalign_is_fast_and_light():
+    code = ("import sys, time; t = time.perf_counter(); import rayalign, rayalign.config, rayalign.records, "
+            "rayalign.cli; print(time.perf_counter() - t); "
+            "print(sorted(m for m in ('vllm', 'deepspeed', 'ray', 'ray.serve', 'torch') if m in sys.modules))")
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert float(out[0]) < 0.5
+    assert out[1] == "[]"
+
+
+def test_help_lists_every_subcommand():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for name in ("init-model", "validate-data", "import-pairs", "config", "clair", "train", "serve", "eval",
+                 "pipeline", "demo"):
+        assert name in proc.stdout
+
+
+def test_validate_data_reports_file_and_line(tmp_path, capsys):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": ""}\nnot json\n'
+                    '{"id": "a", "prompt": "again"}\n')
+    assert main(["validate-data", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"rayalign validate-data: error: 3 bad rows in {path}"
+    assert err[1] == f"{path}:2: 'prompt' is empty"
+    assert err[2].startswith(f"{path}:3: malformed JSON")
+    assert err[3] == f"{path}:4: duplicate id 'a' (first at line 1)"
+
+    rejects = tmp_path / "rejects.jsonl"
+    assert main(["validate-data", str(path), "--quarantine", str(rejects)]) == 0
+    assert capsys.readouterr().out.strip() == f"{path}: 4 prompts rows read, 1 good; 3 bad written to {rejects}"
+    assert [json.loads(x)["line"] for x in rejects.read_text().splitlines()] == [2, 3, 4]
+
+
+def test_import_pairs_command(tmp_path, capsys):
+    src = tmp_path / "uf.jsonl"
+    src.write_text(json.dumps({
+        "prompt": "Say hi", "prompt_id": "x1", "score_chosen": 8.0, "score_rejected": 3.0,
+        "chosen": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi!"}],
+        "rejected": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "No."}],
+    }) + "\n")
+    assert main(["import-pairs", str(src), str(tmp_path / "pairs")]) == 0
+    assert "1 rows read as layout 'ultrafeedback', 1 pairs written" in capsys.readouterr().out
+    (shard,) = (tmp_path / "pairs").iterdir()
+    row = json.loads(shard.read_text())
+    assert row["prompt"] == [{"role": "user", "content": "Say hi"}]
+    assert row["chosen"] == [{"role": "assistant", "content": "Hi!"}]
+    assert row["source"] == "offpolicy"
+
+
+def test_config_command_prints_resolved_values_and_names_bad_keys(capsys):
+    assert main(["config", "train.beta=0.5"]) == 0
+    assert "  beta: 0.5\n" in capsys.readouterr().out
+    assert main(["config", "train.betta=0.5"]) == 2
+    assert "rayalign config: error: train.betta: unknown key" in capsys.readouterr().err
+
+
+def test_stages_not_built_say_so(capsys):
+    assert main(["pipeline"]) == 2
+    assert "rayalign pipeline (run clair, reference, train, serve and eval in order) is not built yet." in \
+        capsys.readouterr().err
+
+
+def test_init_model_command(tmp_path, capsys):
+    assert main(["init-model", str(tmp_path / "m"), "--tokenizer", "word"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote a tiny model with a word tokenizer to {tmp_path / 'm'}"
+    assert json.loads((tmp_path / "m" / "rayalign_model.json").read_text())["tokenizer"] == "word"
