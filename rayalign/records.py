@@ -412,9 +412,7 @@ def write_rows(rows: Iterable[dict], out_dir: str | os.PathLike, fmt: str = "jso
         raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
     # Every row gets every column, null where absent, and all Parquet shards share one schema:
     # readers such as `datasets` take the first shard's columns as the schema of all.
-    rows = list(rows)
-    columns = sorted(dict.fromkeys(key for row in rows for key in row), key=_column_rank)
-    rows = [{key: row.get(key) for key in columns} for row in rows]
+    rows = _uniform(rows)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     existing = sorted(p.name for p in out.iterdir() if p.suffix in (".jsonl", ".parquet"))
@@ -433,6 +431,32 @@ def write_rows(rows: Iterable[dict], out_dir: str | os.PathLike, fmt: str = "jso
     return paths
 
 
+def write_shard(rows: Iterable[dict], path: str | os.PathLike) -> Path:
+    """Write one shard atomically; the format follows the suffix (.jsonl or .parquet).
+
+    Rewriting a shard with the same content is harmless, which makes retried writers
+    idempotent when the shard's name is derived from its rows.
+    """
+    path = Path(path)
+    fmt = path.suffix.lstrip(".")
+    if fmt not in FORMATS:
+        raise DataError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    rows = _uniform(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "jsonl":
+        _atomic_write(path, lambda tmp: _write_jsonl(rows, tmp))
+    else:
+        table = _to_table(rows, path)
+        _atomic_write(path, lambda tmp: _write_parquet(table, tmp))
+    return path
+
+
+def _uniform(rows: Iterable[dict]) -> list[dict]:
+    rows = list(rows)
+    columns = sorted(dict.fromkeys(key for row in rows for key in row), key=_column_rank)
+    return [{key: row.get(key) for key in columns} for row in rows]
+
+
 def _column_rank(key: str) -> int:
     """Known columns in schema order, then unknown ones (stable), then metadata."""
     order = ("id", "prompt", "reference", "chosen", "rejected", "source", "reviser", "jaccard",
@@ -442,7 +466,7 @@ def _column_rank(key: str) -> int:
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     # A reader never sees a half-written shard: it is written under a hidden name, then renamed.
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)

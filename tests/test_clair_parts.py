@@ -1,0 +1,126 @@
+"""The pure parts of the CLAIR stage: contrast statistics, prompts and parsers, the verifier."""
+
+import json
+import random
+
+import pytest
+
+from rayalign.clair import contrast, revision, verifier
+
+
+def levenshtein_by_hand(a, b):
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def test_jaccard_on_known_strings():
+    # {the, cat, sat, .} vs {the, cat, sits, .}: 3 shared of 5 distinct.
+    assert contrast.jaccard("The cat sat.", "The cat sits.") == pytest.approx(3 / 5)
+    assert contrast.jaccard("a b a b", "b a") == 1.0  # sets, not multisets
+    assert contrast.jaccard("x", "y") == 0.0
+    assert contrast.jaccard("", "") == 1.0
+    assert contrast.tokens("It's 4,5!") == {"It", "'", "s", "4", ",", "5", "!"}
+
+
+def test_levenshtein_on_known_strings_and_against_the_recurrence():
+    assert contrast.levenshtein("kitten", "sitting") == 3
+    assert contrast.levenshtein("0 7 1 9", "0 7 2 9") == 1
+    assert contrast.levenshtein("", "abc") == 3
+    rng = random.Random(0)
+    for _ in range(50):
+        a = "".join(rng.choice("abc ") for _ in range(rng.randint(0, 12)))
+        b = "".join(rng.choice("abc ") for _ in range(rng.randint(0, 12)))
+        assert contrast.levenshtein(a, b) == levenshtein_by_hand(a, b)
+
+
+def test_contrast_and_describe():
+    assert contrast.contrast("0 7 2 9", "0 7 1 9") == {"jaccard": pytest.approx(3 / 5), "levenshtein": 1}
+    d = contrast.describe([0.0, 0.25, 0.5, 1.0], bins=4, lo=0.0, hi=1.0)
+    assert d["count"] == 4
+    assert d["mean"] == pytest.approx(0.4375)
+    assert d["median"] == pytest.approx(0.375)
+    assert d["histogram"] == {"edges": [0.0, 0.25, 0.5, 0.75, 1.0], "counts": [1, 1, 1, 1]}
+    assert contrast.describe([])["mean"] is None
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Let me think.\n<revision>\nThe answer is 4.\n</revision>", "The answer is 4."),
+    ("I will write <revision>x</revision> as the format.\n<revision>final</revision>", "final"),
+    ("<revision>  multi\nline  </revision> trailing", "multi\nline"),
+])
+def test_parse_revision_from_markers(text, expected):
+    assert revision.parse_revision(text) == expected
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("no markers at all", "no <revision>...</revision> section"),
+    ("<revision>unclosed", "no <revision>...</revision> section"),
+])
+def test_unparsable_revisions_say_why(text, reason):
+    with pytest.raises(revision.Unparsable, match=reason):
+        revision.parse_revision(text)
+
+
+def test_parse_structured_revision_and_verdict():
+    assert revision.parse_revision(json.dumps({"reasoning": "r", "revision": " 4 \n"}), structured=True) == "4"
+    with pytest.raises(revision.Unparsable, match="structured output is not valid JSON"):
+        revision.parse_revision('{"reasoning": "r", "revi', structured=True)
+    with pytest.raises(revision.Unparsable, match="structured output has no string field 'revision'"):
+        revision.parse_revision('{"reasoning": "r"}', structured=True)
+    assert revision.parse_verdict(json.dumps({"reasoning": "", "verdict": "B"}), structured=True) == "B"
+    assert revision.parse_verdict("because... <verdict> a. </verdict>") == "A"
+    assert revision.parse_verdict("<verdict>Tie</verdict>") == "tie"
+    with pytest.raises(revision.Unparsable, match="verdict 'both' is not A, B or tie"):
+        revision.parse_verdict("<verdict>both</verdict>")
+
+
+def test_swap_consistent_verdicts():
+    # The second verdict was asked with the answers swapped.
+    assert revision.swap_consistent("A", "B") == "A"
+    assert revision.swap_consistent("B", "A") == "B"
+    assert revision.swap_consistent("A", "A") == "tie"   # position bias: always the first
+    assert revision.swap_consistent("A", "tie") == "tie"
+    assert revision.swap_consistent("tie", "tie") == "tie"
+
+
+def test_requests_embed_prompt_answer_and_markers():
+    text = revision.revision_request([{"role": "user", "content": "What is 2+2?"}], "5")
+    assert "[user] What is 2+2?" in text and "# Student answer\n5\n" in text
+    assert "between <revision> and </revision>" in text
+    custom = revision.revision_request("Q", "A", template="Fix {answer} for {prompt} in {start}{end}")
+    assert custom == "Fix A for Q in <revision></revision>"
+    judged = revision.judge_request("Q", "one", "two", structured=True)
+    assert "# Answer A\none" in judged and "# Answer B\ntwo" in judged
+    assert judged.endswith('Answer with a JSON object with the fields "reasoning" and "verdict".')
+
+
+def test_verifier_normalisation_and_correctness():
+    assert verifier.normalize("  The  Answer\tIS 42. ") == "the answer is 42"
+    assert verifier.is_correct("0 7 1 9", "0 7 1 9")
+    assert not verifier.is_correct("0 7 1 8", "0 7 1 9")
+    assert verifier.is_correct("Work: 3+4.\nanswer: 7", "7", pattern=r"answer:\s*(.+)")
+
+
+def test_verifier_revision_is_minimal():
+    # Whole response is the answer: the revision is the reference.
+    assert verifier.revise("0 7 1 8", "0 7 1 9") == "0 7 1 9"
+    # With a pattern only the final answer changes; the reasoning is kept verbatim.
+    response = "First 3+4 is 8.\nanswer: 8"
+    assert verifier.revise(response, "7", pattern=r"answer:\s*(.+)") == "First 3+4 is 8.\nanswer: 7"
+    # Already correct: the revision is the response itself (the pipeline rejects it as identical).
+    assert verifier.revise("answer: 7", "7", pattern=r"answer:\s*(.+)") == "answer: 7"
+    # No final answer to correct.
+    assert verifier.revise("I do not know", "7", pattern=r"answer:\s*(.+)") is None
+
+
+def test_verifier_score_prefers_the_closer_answer():
+    assert verifier.score("0 7 1 9", "0 7 1 9") == 1.0
+    near, far = verifier.score("0 7 1 8", "0 7 1 9"), verifier.score("9 9 9 9", "0 7 1 9")
+    assert near == pytest.approx(0.999 * (1 - 1 / 7))
+    assert far == pytest.approx(0.999 * (1 - 3 / 7))  # three digits differ
+    assert verifier.score("nothing", "7", pattern=r"answer:\s*(.+)") == 0.0
