@@ -9,7 +9,6 @@ from pathlib import Path
 from rayalign.config import ConfigError, dump_config, load_config
 
 STAGES_NOT_BUILT = {
-    "clair": "build CLAIR preference pairs on Ray Data with vLLM",
     "train": "APO training on Ray Train with DeepSpeed",
     "serve": "serve checkpoints on Ray Serve behind an OpenAI-compatible API",
     "eval": "evaluate served models through the endpoint",
@@ -55,6 +54,13 @@ def cmd_import_pairs(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_clair(args: argparse.Namespace) -> int:
+    from rayalign.clair.pipeline import run_clair
+
+    run_clair(load_config(args.config, args.overrides), limit=args.limit, dry_run=args.dry_run)
     return 0
 
 
@@ -107,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved configuration")
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("clair", help="build CLAIR preference pairs (or a baseline mode) on Ray Data with vLLM")
+    _add_config_args(p)
+    p.add_argument("--limit", type=int, metavar="N", help="attempt at most N pending units this run")
+    p.add_argument("--dry-run", action="store_true",
+                   help="estimate tokens and cost from the prompts; send nothing")
+    p.set_defaults(func=cmd_clair)
 
     for name, text in STAGES_NOT_BUILT.items():
         p = sub.add_parser(name, help=f"{text} (not built yet)")

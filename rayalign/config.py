@@ -8,6 +8,7 @@ with one sentence that names the dotted key (for example `train.zero_stage`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ class EngineConfig:
     batch_size: int = 64
     cpus_per_engine: float = 1.0
     gpus_per_engine: float = 0.0
+    # Structured output (JSON schema) backend; guidance gave valid JSON every time on CPU here.
+    structured_output_backend: Literal["auto", "guidance", "xgrammar", "outlines", "lm-format-enforcer"] = "guidance"
 
     def validate(self, key: str) -> None:
         _check(self.max_model_len >= 16, f"{key}.max_model_len", "must be at least 16")
@@ -98,15 +101,24 @@ class ReviserConfig:
     base_url: str | None = None
     # The key itself is never stored in a config: only the variable's name.
     api_key_env: str = "OPENAI_API_KEY"
+    # Ask for JSON-schema output (guided decoding on vLLM, response_format on an API).
     structured_output: bool = False
+    # Cap each free string of the structured output (characters); for weak models.
+    structured_max_chars: int | None = None
     max_concurrency: int = 8
     requests_per_second: float | None = None
     max_retries: int = 6
     timeout_s: float = 60.0
     temperature: float = 0.7
     max_tokens: int = 1024
+    # str.format templates replacing the built-in revision and judge prompts (see clair/revision.py).
     revision_template: str | None = None
     judge_template: str | None = None
+    # Verifier: a regex whose group 1 is the final answer (default: the whole response).
+    answer_pattern: str | None = None
+    # For the dry run's cost estimate of a paid endpoint.
+    price_per_million_input_tokens: float = 0.0
+    price_per_million_output_tokens: float = 0.0
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self, key: str) -> None:
@@ -115,6 +127,8 @@ class ReviserConfig:
         if self.backend == "openai":
             _check(self.base_url is not None, f"{key}.base_url", "is required for backend 'openai'")
         _check(self.max_concurrency >= 1, f"{key}.max_concurrency", "must be at least 1")
+        _check(self.structured_max_chars is None or self.structured_max_chars >= 1,
+               f"{key}.structured_max_chars", "must be at least 1")
         _check(
             self.requests_per_second is None or self.requests_per_second > 0,
             f"{key}.requests_per_second",
@@ -123,6 +137,17 @@ class ReviserConfig:
         _check(self.max_retries >= 0, f"{key}.max_retries", "must not be negative")
         _check(self.timeout_s > 0, f"{key}.timeout_s", "must be positive")
         _check(self.max_tokens >= 1, f"{key}.max_tokens", "must be at least 1")
+        for name, fields in (("revision_template", ("prompt", "answer")),
+                             ("judge_template", ("prompt", "answer_a", "answer_b"))):
+            template = getattr(self, name)
+            for f in fields:
+                _check(template is None or "{" + f + "}" in template, f"{key}.{name}", f"must contain {{{f}}}")
+        if self.answer_pattern is not None:
+            try:
+                groups = re.compile(self.answer_pattern).groups
+            except re.error as exc:
+                raise ConfigError(f"{key}.answer_pattern: not a valid regex ({exc})") from None
+            _check(groups >= 1, f"{key}.answer_pattern", "needs a group around the final answer")
         self.engine.validate(f"{key}.engine")
 
 
@@ -165,6 +190,8 @@ class ReferenceConfig:
     concurrency: int = 1
     # Compute reference log-probs inside the training step instead of a separate pass.
     on_the_fly: bool = False
+    # Cache of tokenized pairs and reference log-probs; default <run_dir>/reference.
+    output: str | None = None
 
     def validate(self, key: str) -> None:
         _check(self.batch_size >= 1, f"{key}.batch_size", "must be at least 1")
@@ -191,7 +218,11 @@ LOSS_NAMES = ("apo_zero", "apo_down", "dpo", "ipo", "hinge", "sft", "kto", "apo_
 class TrainConfig:
     model: str | None = None
     pairs: str | None = None
+    # Local directory for the final model, metrics and curves; default <run_dir>/train.
     output: str | None = None
+    # Where Ray Train keeps checkpoints: a local directory or an s3:// / gs:// URI;
+    # default <train.output>/ray.
+    storage_path: str | None = None
     loss: str = "apo_zero"
     beta: float = 0.1
     loss_options: dict[str, float] = field(default_factory=dict)
@@ -237,6 +268,8 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, f"{key}.checkpoint_every", "must be at least 1")
         _check(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be at least 1")
         _check(self.max_failures >= 0, f"{key}.max_failures", "must not be negative")
+        _check(not self.offload_optimizer or self.zero_stage >= 1, f"{key}.offload_optimizer",
+               "needs zero_stage 1, 2 or 3")
         self.lora.validate(f"{key}.lora")
 
     @property

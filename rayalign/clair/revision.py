@@ -66,6 +66,18 @@ VERDICT_SCHEMA = {
     "additionalProperties": False,
 }
 
+
+
+def bounded(schema: dict, max_chars: int | None) -> dict:
+    """The schema with every free string capped at `max_chars` characters, so that even a weak
+    model's constrained output closes its JSON within the token limit."""
+    if max_chars is None:
+        return schema
+    properties = {name: ({**p, "maxLength": max_chars} if p.get("type") == "string" and "enum" not in p else p)
+                  for name, p in schema["properties"].items()}
+    return {**schema, "properties": properties}
+
+
 STRUCTURED_NOTE = "\nAnswer with a JSON object with the fields {fields}."
 
 

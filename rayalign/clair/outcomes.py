@@ -1,0 +1,116 @@
+"""Units of work, their outcomes, and exactly-once output for the CLAIR stage.
+
+A *unit* is one preference pair to attempt: (prompt, sample index). Every unit ends in exactly
+one place: the pairs directory or the rejects directory, each a set of shards written
+atomically and named by a hash of the unit ids they hold, so a retried writer rewrites the
+same shard instead of adding a duplicate. A rerun reads the ids already written and sends only
+the rest. Units deferred by a token budget are written nowhere and stay pending.
+
+Rows travel through Ray Data flat, with the prompt as a JSON string (`prompt_json`) so text and
+chat prompts can share a column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from rayalign import records
+from rayalign.clair.contrast import contrast
+
+# Reject reasons (the `reason` column); `detail` says more in words.
+REASONS = (
+    "generation_failed",  # the target model produced no answer (engine error, prompt too long)
+    "answer_too_long",    # the target's answer hit max_tokens
+    "request_failed",     # the reviser or judge endpoint failed after its retries
+    "unparsable",         # no marked revision / verdict in the reviser's or judge's output
+    "revision_too_long",  # the reviser's output hit max_tokens
+    "empty_revision",
+    "identical",          # the revision equals the original (the answer needed no change)
+    "no_reference",       # the verifier needs a reference answer
+    "tie",                # the judge preferred neither sample
+)
+DEFERRED = "deferred"     # not sent (token budget); neither a pair nor a reject
+
+
+def unit_id(prompt_id: str, sample: int, samples: int) -> str:
+    return prompt_id if samples == 1 else f"{prompt_id}#{sample}"
+
+
+def unit_seed(base_seed: int, uid: str) -> int:
+    """A per-unit sampling seed, stable across runs, so a redone unit gets the same answer."""
+    digest = hashlib.sha256(f"{base_seed}:{uid}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def make_units(prompts: list[dict], samples: int, seed: int) -> list[dict]:
+    units = []
+    for row in prompts:
+        for k in range(samples):
+            uid = unit_id(row["id"], k, samples)
+            units.append({
+                "unit_id": uid, "prompt_id": row["id"], "prompt_json": json.dumps(row["prompt"]),
+                "reference": row.get("reference") or "", "sample": k, "seed": unit_seed(seed, uid),
+            })
+    return units
+
+
+def completed_ids(out_dir: Path) -> set[str]:
+    """Ids of units already in pairs or rejects, from earlier runs."""
+    done: set[str] = set()
+    for kind, key in (("pairs", "id"), ("rejects", "id")):
+        folder = out_dir / kind
+        if folder.exists() and any(folder.iterdir()):
+            for record in records.read_records(folder):
+                if record.value is not None:
+                    done.add(record.value[key])
+    return done
+
+
+def pair_row(row: dict, chosen: str, rejected: str, source: str, reviser: str) -> dict:
+    prompt = json.loads(row["prompt_json"])
+    conversational = isinstance(prompt, list)
+    wrap = (lambda text: [{"role": "assistant", "content": text}]) if conversational else (lambda text: text)
+    return {
+        "id": row["unit_id"], "prompt": prompt, "chosen": wrap(chosen), "rejected": wrap(rejected),
+        "source": source, "reviser": reviser, **contrast(chosen, rejected),
+        "metadata": {"prompt_id": row["prompt_id"], "sample": int(row["sample"])},
+    }
+
+
+def reject_row(row: dict, reason: str, detail: str, raw: str = "") -> dict:
+    assert reason in REASONS, reason
+    return {"id": row["unit_id"], "prompt_id": row["prompt_id"], "reason": reason, "detail": detail,
+            "raw": raw, "prompt": json.loads(row["prompt_json"]), "answer": row.get("answer") or ""}
+
+
+class ShardWriter:
+    """Ray Data batch function: writes one batch's pairs and rejects, returns one count row.
+
+    Each batch row carries `outcome` ('pair', a reason, or 'deferred') and the fields that
+    outcome needs (built by the revision stage).
+    """
+
+    def __init__(self, out_dir: str, fmt: str, source: str, reviser: str):
+        self.out_dir, self.fmt, self.source, self.reviser = Path(out_dir), fmt, source, reviser
+
+    def __call__(self, batch: dict) -> dict:
+        columns = {k: (v.tolist() if hasattr(v, "tolist") else list(v)) for k, v in batch.items()}
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        pairs, rejects, deferred = [], [], 0
+        for row in rows:
+            if row["outcome"] == "pair":
+                pairs.append(pair_row(row, row["chosen"], row["rejected"], self.source, self.reviser))
+            elif row["outcome"] == DEFERRED:
+                deferred += 1
+            else:
+                rejects.append(reject_row(row, row["outcome"], row["detail"], row.get("raw") or ""))
+        for kind, items in (("pairs", pairs), ("rejects", rejects)):
+            if items:
+                name = hashlib.sha256("\n".join(sorted(r["id"] for r in items)).encode()).hexdigest()[:20]
+                records.write_shard(items, self.out_dir / kind / f"part-{name}.{self.fmt}")
+        generated = sum(int(r.get("answer_tokens") or 0) for r in rows)
+        revised = sum(int(r.get("reviser_tokens") or 0) for r in rows)
+        return {"pairs": [len(pairs)], "rejects": [len(rejects)], "deferred": [deferred],
+                "generated_tokens": [generated], "reviser_tokens": [revised]}

@@ -1,0 +1,92 @@
+"""Every touch of `ray.data.llm` lives here: its API moves between Ray releases.
+
+`chat_stage` builds a Ray Data processor that sends one chat request per row to vLLM engine
+actors and adds the answer as columns. The same code runs on CPU (engines on CPU bundles) and
+on GPU clusters (GPU bundles, tensor parallelism, several replicas): only `EngineConfig`'s
+resources differ.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from rayalign.config import EngineConfig
+
+
+def engine_kwargs(engine: EngineConfig) -> dict:
+    kwargs = {
+        "max_model_len": engine.max_model_len,
+        "gpu_memory_utilization": engine.gpu_memory_utilization,
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "structured_outputs_config": {"backend": engine.structured_output_backend},
+    }
+    if engine.dtype != "auto":
+        kwargs["dtype"] = engine.dtype
+    if engine.gpus_per_engine == 0:
+        # vLLM's CPU sampler rejects per-request seeds under chunked prefill
+        # ("CPU Generator does not use offset"); seeds make redone units reproducible.
+        kwargs["enable_chunked_prefill"] = False
+    return kwargs
+
+
+def placement(engine: EngineConfig) -> dict:
+    bundle = {"CPU": engine.cpus_per_engine}
+    if engine.gpus_per_engine:
+        bundle["GPU"] = engine.gpus_per_engine
+    return {"bundles": [bundle] * engine.tensor_parallel_size}
+
+
+def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict],
+               output_prefix: str, eos_token_id: int | None = None):
+    """A processor: `request(row)` returns {"messages", "temperature", "max_tokens", "seed",
+    "schema"}; the output row is the input row plus `{prefix}_text`, `{prefix}_tokens`,
+    `{prefix}_truncated` (hit max_tokens without eos) and `{prefix}_error` ('' when fine)."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    config = vLLMEngineProcessorConfig(
+        model_source=model,
+        engine_kwargs=engine_kwargs(engine),
+        placement_group_config=placement(engine),
+        concurrency=engine.concurrency,
+        batch_size=engine.batch_size,
+        # A row the engine cannot answer (a prompt longer than the context) becomes an error
+        # column, so it can go to rejects instead of failing the whole run.
+        should_continue_on_error=True,
+    )
+
+    def preprocess(row: dict) -> dict:
+        req = request(row)
+        params = {"temperature": req["temperature"], "max_tokens": req["max_tokens"]}
+        if req.get("seed") is not None:
+            params["seed"] = int(req["seed"])
+        if req.get("schema") is not None:
+            params["structured_outputs"] = {"json": json.dumps(req["schema"])}
+        return {**row, "messages": req["messages"], "sampling_params": params,
+                "_max_tokens": req["max_tokens"]}
+
+    def postprocess(row: dict) -> dict:
+        error = row.get("__inference_error__") or ""
+        text = row.get("generated_text") or ""
+        tokens = list(row.get("generated_tokens") or [])
+        truncated = (not error and len(tokens) >= row["_max_tokens"]
+                     and (not tokens or tokens[-1] != eos_token_id))
+        keep = {k: v for k, v in row.items() if k in _passthrough_keys(row)}
+        return {**keep, f"{output_prefix}_text": text, f"{output_prefix}_tokens": len(tokens),
+                f"{output_prefix}_truncated": bool(truncated), f"{output_prefix}_error": str(error)}
+
+    return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+
+
+# Columns the processor adds for its own use (`prompt` is the rendered chat prompt, so callers
+# must not name a column `prompt`); everything else is the caller's and is kept.
+_ENGINE_COLUMNS = {
+    "messages", "sampling_params", "_max_tokens", "generated_text", "generated_tokens",
+    "num_generated_tokens", "num_input_tokens", "prompt_token_ids", "request_id", "batch_uuid",
+    "time_taken_llm", "params", "metrics", "logprobs", "prompt_logprobs", "embeddings", "tokenized_prompt",
+    "__inference_error__", "prompt",
+}
+
+
+def _passthrough_keys(row: dict) -> set[str]:
+    return {k for k in row if k not in _ENGINE_COLUMNS}

@@ -1,0 +1,176 @@
+"""Tokenized preference pairs: encoding, the truncation policy, collation, and the data order.
+
+Formatting matches generation: the prompt (a text prompt is one user message) is rendered with
+the model's chat template and its generation prompt (`<|assistant|>\\n` and so on), exactly what
+vLLM saw when the target answered; a tokenizer without a chat template encodes the prompt text
+as is. A completion is its text followed by the eos token, so the model also learns to stop.
+
+Truncation policy (counted and reported, never silent). A pair whose prompt plus longer
+completion fits in `max_length` tokens is kept whole. Otherwise:
+1. a prompt longer than `max_prompt_length` keeps its *last* `max_prompt_length` tokens (the
+   question sits at the end of a chat; the system prompt and early turns go first);
+2. each completion is cut at the end to the room left, `max_length - len(prompt)` (at least
+   `max_length - max_prompt_length` >= 1 tokens, so a completion never vanishes);
+3. a pair whose truncated chosen and rejected completions are identical cannot teach a
+   preference (they differ only past `max_length`) and is skipped with that reason.
+
+Data order. Epoch e visits the pairs in a permutation seeded by (seed, e). Every optimizer step
+takes the next `batch_size` pairs of it; the last `len % batch_size` pairs of each epoch form no
+full step and are dropped (a different tail each epoch, and counted in the summary). Within a
+step, micro-batch m of worker r is the slice number m * num_workers + r of the step's pairs, so
+the split is a pure function of (step, rank) and a resumed run replays it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rayalign.records import prompt_messages
+
+
+@dataclass
+class Encoded:
+    id: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    # What was cut: any of "prompt", "chosen", "rejected".
+    truncated: list[str] = field(default_factory=list)
+
+
+class Skipped(ValueError):
+    """A pair that cannot be trained on; the message is the reason."""
+
+
+@dataclass
+class TokenizeReport:
+    rows: list[dict]
+    prompts_truncated: int = 0
+    completions_truncated: int = 0
+    skipped: list[dict] = field(default_factory=list)
+
+    def counts(self) -> dict:
+        return {"pairs": len(self.rows), "prompts_truncated": self.prompts_truncated,
+                "completions_truncated": self.completions_truncated, "skipped": len(self.skipped)}
+
+
+def completion_text(value: str | list[dict]) -> str:
+    return value if isinstance(value, str) else value[-1]["content"]
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(prompt_messages({"prompt": prompt}), add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer(prompt if isinstance(prompt, str) else prompt[-1]["content"]).input_ids
+
+
+def encode_pair(tokenizer, row: dict, max_length: int, max_prompt_length: int) -> Encoded:
+    """Encode one pair under the truncation policy of the module docstring; raise Skipped."""
+    prompt = encode_prompt(tokenizer, row["prompt"])
+    eos = [tokenizer.eos_token_id]
+    chosen = tokenizer(completion_text(row["chosen"]), add_special_tokens=False).input_ids + eos
+    rejected = tokenizer(completion_text(row["rejected"]), add_special_tokens=False).input_ids + eos
+    cut = []
+    if len(prompt) + max(len(chosen), len(rejected)) > max_length:
+        if len(prompt) > max_prompt_length:
+            prompt = prompt[-max_prompt_length:]
+            cut.append("prompt")
+        room = max_length - len(prompt)
+        if len(chosen) > room:
+            chosen = chosen[:room]
+            cut.append("chosen")
+        if len(rejected) > room:
+            rejected = rejected[:room]
+            cut.append("rejected")
+    if chosen == rejected:
+        raise Skipped(f"chosen and rejected differ only after max_length ({max_length} tokens): "
+                      "truncated, they are identical")
+    return Encoded(row["id"], prompt, chosen, rejected, cut)
+
+
+def tokenize_pairs(tokenizer, rows: list[dict], max_length: int, max_prompt_length: int) -> TokenizeReport:
+    """Encode every pair; `index` keeps the file order, skipped pairs are listed with the reason."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token, so completions cannot end")
+    report = TokenizeReport(rows=[])
+    for row in rows:
+        try:
+            enc = encode_pair(tokenizer, row, max_length, max_prompt_length)
+        except Skipped as skip:
+            report.skipped.append({"id": row["id"], "reason": str(skip), "row": row})
+            continue
+        report.prompts_truncated += "prompt" in enc.truncated
+        report.completions_truncated += "chosen" in enc.truncated or "rejected" in enc.truncated
+        report.rows.append({"index": len(report.rows), "id": enc.id, "prompt_ids": enc.prompt_ids,
+                            "chosen_ids": enc.chosen_ids, "rejected_ids": enc.rejected_ids,
+                            "truncated": bool(enc.truncated)})
+    return report
+
+
+def collate(pairs: list[dict], pad_id: int, with_rejected: bool = True):
+    """Right-padded tensors for one concatenated forward: rows 0..B-1 are prompt+chosen, rows
+    B..2B-1 prompt+rejected. `completion_mask` marks completion tokens."""
+    import torch
+
+    sequences = [(list(p["prompt_ids"]), list(p["chosen_ids"])) for p in pairs]
+    if with_rejected:
+        sequences += [(list(p["prompt_ids"]), list(p["rejected_ids"])) for p in pairs]
+    width = max(len(a) + len(b) for a, b in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    completion = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (prompt, answer) in enumerate(sequences):
+        n = len(prompt) + len(answer)
+        input_ids[i, :n] = torch.tensor(prompt + answer)
+        attention[i, :n] = 1
+        completion[i, len(prompt):n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
+
+
+# ---- data order ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which pairs each optimizer step, worker and micro-batch takes (see the module docstring)."""
+
+    num_pairs: int
+    batch_size: int
+    micro_batch_size: int
+    num_workers: int
+    epochs: int
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_pairs // self.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        return self.num_pairs % self.batch_size
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // (self.micro_batch_size * self.num_workers)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        import numpy as np
+
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs).tolist()
+
+    def step_indices(self, step: int) -> list[int]:
+        """Pair indices of optimizer step `step` (0-based), in order."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        return self.epoch_order(epoch)[j * self.batch_size:(j + 1) * self.batch_size]
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """The `accumulation` micro-batches worker `rank` runs in step `step`."""
+        indices = self.step_indices(step)
+        size = self.micro_batch_size
+        return [indices[(m * self.num_workers + rank) * size:(m * self.num_workers + rank + 1) * size]
+                for m in range(self.accumulation)]

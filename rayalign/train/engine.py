@@ -1,0 +1,190 @@
+"""DeepSpeed for one training worker: precision, the ZeRO config, the LR schedule, the engine,
+its checkpoints and the Hugging Face export.
+
+Every function here is called from inside a Ray Train worker (or from tests), never imports
+deepspeed at module level, and takes all settings as arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+from pathlib import Path
+
+from rayalign.config import TrainConfig
+
+DS_TAG = "deepspeed"
+
+
+# ---- precision -------------------------------------------------------------------------------
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic on this CPU (x86 AVX512-BF16 or AMX, Arm BF16), read from the
+    kernel's CPU flags. Unknown platforms answer False: fp32 is always correct, only slower."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_precision(requested: str, use_gpu: bool) -> str:
+    """`fp32` or `bf16`; `auto` is bf16 where this machine computes it natively, GPU or CPU."""
+    if requested != "auto":
+        return requested
+    if use_gpu:
+        import torch
+
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+def deepspeed_config(train: TrainConfig, precision: str) -> dict:
+    """The DeepSpeed config of a run; the optimizer and LR schedule are passed as objects."""
+    zero: dict = {"stage": train.zero_stage}
+    if train.zero_stage == 3:
+        # Lets the export gather the full weights from every rank's shard.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    return {
+        "train_batch_size": train.batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation,
+        "gradient_clipping": train.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        # A torch AdamW works at every stage and on every device; DeepSpeed's fused optimizers
+        # need compiled extensions that CPU machines often lack.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_multiplier(schedule: str, warmup_steps: int, total_steps: int):
+    """LR factor of optimizer step s (0-based): linear warmup (s + 1) / (warmup + 1), then
+    cosine or linear decay towards 0 over the remaining steps, or constant. No step gets 0."""
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (s - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def warmup_steps(train: TrainConfig, total_steps: int) -> int:
+    return math.ceil(train.warmup_ratio * total_steps)
+
+
+# ---- the engine ------------------------------------------------------------------------------
+
+def load_model(path: str, precision: str, trainable: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # The policy loads in fp32 and DeepSpeed keeps fp32 master weights under bf16; a frozen
+    # reference loads directly in the compute precision.
+    dtype = torch.float32 if trainable else torch_dtype(precision)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.config.use_cache = False
+    if not trainable:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def build_engine(train: TrainConfig, precision: str, total_steps: int):
+    """deepspeed.initialize over the policy with AdamW and the warmup schedule."""
+    import deepspeed
+    import torch
+
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    model = load_model(train.model, precision, trainable=True)
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
+    factor = lr_multiplier(train.lr_schedule, warmup_steps(train, total_steps), total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(train, precision))
+    return engine
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+def save_state(engine, directory: Path, rank: int, trainer_state: dict | None) -> None:
+    """Write this rank's part of a resumable checkpoint: DeepSpeed's model, optimizer and LR
+    scheduler shards (a collective call), this rank's RNG state, and on rank 0 the trainer state."""
+    import numpy as np
+    import torch
+
+    engine.save_checkpoint(str(directory), tag=DS_TAG)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, directory / f"rng_rank{rank}.pt")
+    if trainer_state is not None:
+        (directory / "trainer_state.json").write_text(json.dumps(trainer_state))
+
+
+def load_state(engine, directory: Path, rank: int) -> dict:
+    """Restore what save_state wrote; returns the trainer state."""
+    import numpy as np
+    import torch
+
+    path, _ = engine.load_checkpoint(str(directory), tag=DS_TAG, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}")
+    rng = torch.load(directory / f"rng_rank{rank}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((directory / "trainer_state.json").read_text())
+
+
+# ---- export ----------------------------------------------------------------------------------
+
+def export_hf(engine, train: TrainConfig, directory: Path, rank: int) -> None:
+    """The policy in Hugging Face format (safetensors, config, tokenizer with chat template).
+
+    Under ZeRO-3 every rank takes part in gathering the shards; rank 0 writes."""
+    from transformers import AutoTokenizer
+
+    if train.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # full weights in their dtype, rank 0
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        return
+    module = engine.module
+    module.config.use_cache = True
+    module.save_pretrained(directory, state_dict=state, safe_serialization=True)
+    if module.generation_config is not None:
+        module.generation_config.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(train.model).save_pretrained(directory)

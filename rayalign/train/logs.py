@@ -1,0 +1,74 @@
+"""What a training run leaves in `train.output` besides the model: per-step metrics
+(`metrics.jsonl` and TensorBoard events), the example ids of every committed optimizer step
+(`steps.jsonl`), and a PNG of the curves.
+
+A resumed run rewrites the two JSONL files from the history stored in its checkpoint and purges
+later TensorBoard events, so the files always describe the final trajectory: steps redone after
+a failure appear once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+           "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens/s")
+
+
+def write_history(out_dir: Path, metrics: list[dict], steps: list[dict]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("metrics.jsonl", metrics), ("steps.jsonl", steps)):
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        tmp.replace(out_dir / name)
+
+
+class RunLog:
+    """The live log of rank 0: appends one line per step and flushes, so a user (or a test)
+    can follow the run."""
+
+    def __init__(self, out_dir: Path, metrics: list[dict], steps: list[dict]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out_dir = out_dir
+        write_history(out_dir, metrics, steps)
+        # Events of steps after the restored one belong to the abandoned attempt.
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=len(steps) + 1)
+
+    def add(self, metrics: dict, step: dict) -> None:
+        for name, row in (("metrics.jsonl", metrics), ("steps.jsonl", step)):
+            with open(self.out_dir / name, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        for key in METRICS:
+            self.writer.add_scalar(key, metrics[key], metrics["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def plot_curves(metrics: list[dict], path: Path) -> None:
+    """Loss, rewards, log-probs, accuracy, grad norm and learning rate against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    panels = [("loss", ["loss"]),
+              ("rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
+              ("log-probs", ["logps/chosen", "logps/rejected"]),
+              ("accuracy", ["rewards/accuracies"]),
+              ("grad norm", ["grad_norm"]),
+              ("learning rate", ["learning_rate"])]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            ax.plot(steps, [m[key] for m in metrics], label=key, marker="." if len(steps) < 50 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,211 @@
+"""Tokenized pairs and their reference log-probs, computed once and cached by fingerprint.
+
+The pair file is tokenized on the driver (see `data.py` for the truncation policy); then a Ray
+Data pass runs `ReferenceLogps`, a callable class holding the frozen reference model, over the
+tokenized pairs and adds `ref_chosen_logps` and `ref_rejected_logps`. The result is one Parquet
+file with the columns index, id, prompt_ids, chosen_ids, rejected_ids, truncated and the two
+log-prob columns, so training workers hold only the policy.
+
+The cache lives in `<reference.output>/<fingerprint>/` (default `<run_dir>/reference`): the
+Parquet file, `rejects.jsonl` (skipped pairs with their reason) and `manifest.json`, written
+last, so a directory without a manifest is an unfinished pass. The fingerprint covers the
+reference model's files, the tokenizer's files, the pair data, max_length, max_prompt_length
+and the compute precision; any change yields a new fingerprint and a fresh pass. Files over
+64 MiB are fingerprinted by size plus their first and last 8 MiB, so multi-GB weights are not
+read in full; a hub name (not a local directory) is fingerprinted by its name only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rayalign.config import RunConfig
+from rayalign.records import load_pairs, write_shard
+
+FORMAT_VERSION = 1
+LARGE_FILE = 64 * 2**20
+SAMPLE = 8 * 2**20
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
+@dataclass
+class Prepared:
+    path: Path          # the Parquet file of tokenized pairs
+    manifest: dict
+    reused: bool
+
+
+class ReferenceLogps:
+    """Ray Data stage: summed log-probs of chosen and rejected under the frozen reference model.
+
+    Call it with a batch of columns (index, prompt_ids, chosen_ids, rejected_ids); it returns
+    index, ref_chosen_logps and ref_rejected_logps (float32)."""
+
+    def __init__(self, model: str, precision: str, pad_id: int):
+        from rayalign.train.engine import load_model
+
+        self.model = load_model(model, precision, trainable=False)
+        self.pad_id = pad_id
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+        import torch
+
+        from rayalign.train.forward import pair_logps
+
+        pairs = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+                 for p, c, r in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])]
+        with torch.inference_mode():
+            out = pair_logps(self.model, pairs, self.pad_id)
+        return {"index": np.asarray(batch["index"]),
+                "ref_chosen_logps": out["chosen"].float().numpy(),
+                "ref_rejected_logps": out["rejected"].float().numpy()}
+
+
+# ---- fingerprints ----------------------------------------------------------------------------
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= LARGE_FILE:
+            for chunk in iter(lambda: f.read(2**20), b""):
+                h.update(chunk)
+        else:
+            h.update(f"size={size}".encode())
+            h.update(f.read(SAMPLE))
+            f.seek(size - SAMPLE)
+            h.update(f.read(SAMPLE))
+    return h.hexdigest()
+
+
+def tree_digest(path: str | Path, names: tuple[str, ...] | None = None) -> str:
+    """Digest of a file, or of the non-hidden files under a directory (only `names` if given);
+    anything else is taken to be a hub name."""
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path)
+    if not path.is_dir():
+        return "name:" + str(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(path).parts))
+    if names is not None:
+        files = [p for p in files if p.name in names and p.parent == path]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(path).as_posix()}={file_digest(p)}\n".encode())
+    return h.hexdigest()
+
+
+def fingerprint_inputs(config: RunConfig, precision: str, with_reference: bool) -> dict:
+    train = config.train
+    inputs = {
+        "format": FORMAT_VERSION,
+        "tokenizer": tree_digest(train.model, TOKENIZER_FILES),
+        "data": tree_digest(train.pairs),
+        "max_length": train.max_length,
+        "max_prompt_length": train.max_prompt_length,
+        "reference": None,
+    }
+    if with_reference:
+        inputs["reference"] = {"model": tree_digest(reference_model(config)), "precision": precision}
+    return inputs
+
+
+def reference_model(config: RunConfig) -> str:
+    return config.reference.model or config.train.model
+
+
+def cache_root(config: RunConfig) -> Path:
+    return Path(config.reference.output or Path(config.run_dir) / "reference").resolve()
+
+
+# ---- the pass --------------------------------------------------------------------------------
+
+def prepare_pairs(config: RunConfig, precision: str, with_reference: bool) -> Prepared:
+    """Tokenized pairs (with reference log-probs when `with_reference`), from the cache when
+    its fingerprint matches, else computed now. Ray must be initialised for the reference pass."""
+    inputs = fingerprint_inputs(config, precision, with_reference)
+    fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    out = cache_root(config) / fingerprint[:16]
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("fingerprint") == fingerprint:
+            print(f"rayalign: reusing tokenized pairs{' and reference log-probs' * with_reference} from {out}")
+            return Prepared(out / "pairs.parquet", manifest, reused=True)
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from rayalign.train.data import tokenize_pairs
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(config.train.model)
+    report = tokenize_pairs(tokenizer, load_pairs(config.train.pairs), config.train.max_length,
+                            config.train.max_prompt_length)
+    columns = {key: [row[key] for row in report.rows]
+               for key in ("index", "id", "prompt_ids", "chosen_ids", "rejected_ids", "truncated")}
+    table = pa.table({
+        **columns,
+        **{k: pa.array(columns[k], pa.list_(pa.int32())) for k in ("prompt_ids", "chosen_ids", "rejected_ids")},
+        "index": pa.array(columns["index"], pa.int64()),
+    })
+    if with_reference and len(table):
+        logps = reference_pass(table, config, precision, pad_id(tokenizer))
+        table = table.append_column("ref_chosen_logps", pa.array(logps[0], pa.float32()))
+        table = table.append_column("ref_rejected_logps", pa.array(logps[1], pa.float32()))
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    pq.write_table(table, tmp / "pairs.parquet")
+    rejects = [{"file": str(config.train.pairs), "id": s["id"], "reason": s["reason"],
+                "raw": json.dumps(s["row"], ensure_ascii=False)} for s in report.skipped]
+    write_shard(rejects, tmp / "rejects.jsonl")
+    manifest = {"fingerprint": fingerprint, "inputs": inputs, "counts": report.counts(),
+                "reference_model": reference_model(config) if with_reference else None,
+                "seconds": round(time.perf_counter() - start, 3)}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    counts = report.counts()
+    print(f"rayalign: tokenized {counts['pairs']} pairs into {out} ({counts['prompts_truncated']} prompts and "
+          f"{counts['completions_truncated']} completions truncated, {counts['skipped']} skipped into "
+          f"{out / 'rejects.jsonl'})")
+    return Prepared(out / "pairs.parquet", manifest, reused=False)
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def reference_pass(table, config: RunConfig, precision: str, pad: int):
+    """Ray Data map_batches of ReferenceLogps; returns (chosen, rejected) log-probs in row order."""
+    import numpy as np
+    import ray
+
+    ref = config.reference
+    ds = ray.data.from_arrow(table.select(["index", "prompt_ids", "chosen_ids", "rejected_ids"]))
+    ds = ds.map_batches(
+        ReferenceLogps,
+        fn_constructor_kwargs={"model": reference_model(config), "precision": precision, "pad_id": pad},
+        batch_size=ref.batch_size, concurrency=ref.concurrency, batch_format="numpy",
+        num_cpus=1, num_gpus=1 if config.cluster.use_gpu else 0,
+    )
+    chosen = np.full(len(table), np.nan, dtype=np.float32)
+    rejected = chosen.copy()
+    for row in ds.iter_rows():
+        chosen[row["index"]] = row["ref_chosen_logps"]
+        rejected[row["index"]] = row["ref_rejected_logps"]
+    if np.isnan(chosen).any() or np.isnan(rejected).any():
+        raise RuntimeError("the reference pass returned fewer rows than it was given")
+    return chosen, rejected

@@ -1,0 +1,177 @@
+"""`rayalign reference` and `rayalign train`: check the config, prepare the tokenized pairs and
+reference log-probs, run the Ray Train TorchTrainer, and collect its outputs.
+
+Layout of `train.output` (default `<run_dir>/train`, a local directory):
+  final/          the policy in Hugging Face format (safetensors, config, tokenizer)
+  metrics.jsonl   one line of metrics per optimizer step; steps.jsonl: its example ids
+  tensorboard/    TensorBoard events;  curves.png: the curves;  summary.json: what run_train returns
+Ray Train's checkpoints go to `train.storage_path` (default `<train.output>/ray`; a local
+directory or an s3:// or gs:// URI) under a run name derived from everything that shapes the
+trajectory, so rerunning an interrupted run with the same config and data resumes it, while
+a changed config starts afresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from rayalign.config import ConfigError, RunConfig
+
+# TrainConfig keys that do not change the trajectory, so they do not change the run name.
+_NOT_IN_RUN_ID = ("output", "storage_path", "max_failures", "keep_checkpoints", "checkpoint_every")
+
+
+class TrainError(RuntimeError):
+    """Training failed on the cluster after the allowed restarts."""
+
+
+def run_reference(config: RunConfig) -> Path:
+    """Tokenize the pairs and compute their reference log-probs (or reuse the cached ones);
+    returns the Parquet file."""
+    from rayalign.train.reference import prepare_pairs
+
+    config = check_config(config)
+    return prepare_pairs(config, detect_precision(config), with_reference=True).path
+
+
+def run_train(config: RunConfig) -> dict:
+    """Train the policy with the configured loss on Ray Train + DeepSpeed; returns the summary."""
+    import pyarrow.parquet as pq
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from rayalign.train.data import Schedule
+    from rayalign.train.logs import plot_curves, write_history
+    from rayalign.train.loop import train_loop_per_worker
+    from rayalign.train.reference import pad_id, prepare_pairs
+
+    start = time.perf_counter()
+    config = check_config(config)
+    train = config.train
+    output = Path(train.output)
+    precision = detect_precision(config)
+    prepared = prepare_pairs(config, precision, with_reference=not config.reference.on_the_fly)
+    table = pq.read_table(prepared.path)
+    schedule = Schedule(len(table), train.batch_size, train.micro_batch_size, train.num_workers, train.epochs,
+                        train.seed)
+    if schedule.total_steps == 0:
+        raise ConfigError(f"train.batch_size: ({train.batch_size}) is more than the {len(table)} usable pairs "
+                          f"of {train.pairs}")
+    from transformers import AutoTokenizer
+
+    run_id = _run_id(config, prepared.manifest["fingerprint"], precision)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": train, "schedule": schedule, "precision": precision, "output": str(output),
+            "pairs": ray.put(table), "pad_id": pad_id(AutoTokenizer.from_pretrained(train.model)),
+            "reference_model": (config.reference.model or train.model) if config.reference.on_the_fly else None,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=config.cluster.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=f"rayalign-{run_id[:12]}", storage_path=train.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+        ),
+    )
+    print(f"rayalign train: {schedule.total_steps} steps of {train.batch_size} pairs ({schedule.epochs} epochs "
+          f"of {len(table)} pairs; {schedule.dropped_per_epoch} dropped per epoch), {train.num_workers} workers, "
+          f"ZeRO-{train.zero_stage}, {precision}")
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainError(f"training failed (after up to train.max_failures={train.max_failures} restarts): "
+                         f"{exc}") from exc
+
+    with tempfile.TemporaryDirectory() as directory:
+        result.checkpoint.to_directory(directory)
+        state = json.loads((Path(directory) / "trainer_state.json").read_text())
+        shutil.rmtree(output / "final", ignore_errors=True)
+        shutil.move(str(Path(directory) / "model"), output / "final")
+    write_history(output, state["metrics"], state["steps"])
+    plot_curves(state["metrics"], output / "curves.png")
+    counts = prepared.manifest["counts"]
+    summary = {
+        "output": str(output), "final": str(output / "final"), "steps": state["step"],
+        "epochs": train.epochs, "pairs": len(table), "dropped_per_epoch": schedule.dropped_per_epoch,
+        "prompts_truncated": counts["prompts_truncated"], "completions_truncated": counts["completions_truncated"],
+        "skipped": counts["skipped"], "rejects": str(prepared.path.parent / "rejects.jsonl"),
+        "pairs_file": str(prepared.path), "reference_reused": prepared.reused, "precision": precision,
+        "checkpoints": result.path, "final_metrics": state["metrics"][-1],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"rayalign train: done in {summary['seconds']}s; final loss {summary['final_metrics']['loss']:.4f}; "
+          f"model in {summary['final']}")
+    return summary
+
+
+def check_config(config: RunConfig) -> RunConfig:
+    """Fail before any worker starts, naming the key; return the config with absolute paths."""
+    from rayalign.train.losses import LOSSES
+
+    config.validate()
+    train, reference = config.train, config.reference
+    if not train.model:
+        raise ConfigError("train.model: is required (a local model directory or a hub name)")
+    if not train.pairs:
+        raise ConfigError("train.pairs: is required (a pair file or directory of shards)")
+    if not Path(train.pairs).exists():
+        raise ConfigError(f"train.pairs: {train.pairs} not found")
+    for key, model in (("train.model", train.model), ("reference.model", reference.model)):
+        if model and _looks_local(model) and not Path(model).exists():
+            raise ConfigError(f"{key}: {model} not found")
+    params = inspect.signature(LOSSES[train.loss]).parameters
+    options = [p for p in params.values() if p.kind is p.KEYWORD_ONLY and p.name not in ("beta", "chosen_token_count")]
+    for key in train.loss_options:
+        if key not in [p.name for p in options]:
+            known = ", ".join(p.name for p in options) or "none"
+            raise ConfigError(f"train.loss_options.{key}: not an option of loss {train.loss!r} (options: {known})")
+    if train.lora.enabled:
+        raise ConfigError("train.lora.enabled: LoRA training is not available yet")
+
+    output = Path(train.output or Path(config.run_dir) / "train").resolve()
+    storage = train.storage_path or str(output / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    train = dataclasses.replace(train, model=_absolute(train.model), pairs=str(Path(train.pairs).resolve()),
+                                output=str(output), storage_path=storage)
+    reference = dataclasses.replace(reference, model=_absolute(reference.model) if reference.model else None)
+    return dataclasses.replace(config, train=train, reference=reference)
+
+
+def detect_precision(config: RunConfig) -> str:
+    """train.precision, with `auto` resolved on a worker-shaped Ray task (the driver may sit on a
+    node without the workers' GPU or CPU)."""
+    from rayalign.cluster import connect
+    from rayalign.train.engine import resolve_precision
+
+    ray = connect(config.cluster)
+    if config.train.precision != "auto":
+        return config.train.precision
+    use_gpu = config.cluster.use_gpu
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(resolve_precision)
+    return ray.get(task.remote("auto", use_gpu))
+
+
+def _run_id(config: RunConfig, data_fingerprint: str, precision: str) -> str:
+    shape = {k: v for k, v in dataclasses.asdict(config.train).items() if k not in _NOT_IN_RUN_ID}
+    shape.update(data=data_fingerprint, precision=precision, on_the_fly=config.reference.on_the_fly,
+                 reference=config.reference.model)
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") != 1
+
+
+def _absolute(name: str) -> str:
+    return str(Path(name).expanduser().resolve()) if Path(name).expanduser().exists() else name

@@ -1,0 +1,209 @@
+"""Training parts without a cluster: tokenization and truncation, the data schedule, the LR
+schedule, the DeepSpeed config, precision detection, fingerprints, the reference batch function
+against a direct transformers computation, and config checks that fail before Ray starts."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rayalign.config import ConfigError
+from rayalign.train import engine, reference
+from rayalign.train.data import Schedule, encode_pair, encode_prompt, tokenize_pairs
+from rayalign.train.run import check_config, run_reference, run_train
+from tests.train_support import toy_pairs, train_config, write_pairs
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+# ---- tokenization and truncation ---------------------------------------------------------------
+
+def test_short_pair_is_kept_whole_with_chat_template_and_eos(tokenizer):
+    row = {"id": "a", "prompt": "add: 1 2 3 + 4 5 6", "chosen": "0 5 7 9", "rejected": "0 5 8 9"}
+    enc = encode_pair(tokenizer, row, max_length=64, max_prompt_length=32)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                             add_generation_prompt=True, tokenize=False)
+    assert rendered.endswith("<|assistant|>\n")
+    assert enc.prompt_ids == ids(tokenizer, rendered)
+    assert enc.chosen_ids == ids(tokenizer, "0 5 7 9") + [tokenizer.eos_token_id]
+    assert enc.rejected_ids == ids(tokenizer, "0 5 8 9") + [tokenizer.eos_token_id]
+    assert enc.truncated == []
+
+
+def test_long_pair_is_truncated_and_an_unfittable_one_skipped(tokenizer):
+    long_prompt = "the answer is " * 20 + "what now?"
+    long_answer = " ".join(["water"] * 40)
+    rows = [
+        {"id": "short", "prompt": "Hi?", "chosen": "yes", "rejected": "no"},
+        # Too long overall: the prompt keeps its last 16 tokens, completions fill the rest.
+        {"id": "long", "prompt": long_prompt, "chosen": long_answer + " good", "rejected": "bad"},
+        # The two answers differ only after max_length: nothing left to prefer.
+        {"id": "same-prefix", "prompt": "Hi?", "chosen": long_answer + " a", "rejected": long_answer + " b"},
+    ]
+    report = tokenize_pairs(tokenizer, rows, max_length=32, max_prompt_length=16)
+    assert report.counts() == {"pairs": 2, "prompts_truncated": 1, "completions_truncated": 1, "skipped": 1}
+    long = report.rows[1]
+    full_prompt = encode_prompt(tokenizer, long_prompt)
+    assert len(full_prompt) > 16
+    assert long["prompt_ids"] == full_prompt[-16:]
+    assert long["chosen_ids"] == ids(tokenizer, long_answer)[:16]          # 32 - 16 tokens of room
+    assert long["rejected_ids"] == ids(tokenizer, "bad") + [tokenizer.eos_token_id]
+    assert [r["truncated"] for r in report.rows] == [False, True]
+    assert [r["index"] for r in report.rows] == [0, 1]
+    (skip,) = report.skipped
+    assert skip["id"] == "same-prefix"
+    assert "differ only after max_length (32 tokens)" in skip["reason"]
+
+
+def test_prepare_pairs_writes_rejects_and_counts(tmp_path, tiny_model):
+    rows = toy_pairs(6)
+    # identical once truncated to max_length 64
+    rows[2]["chosen"] = "0 0 0 0 " * 20 + "1"
+    rows[2]["rejected"] = "0 0 0 0 " * 20 + "2"
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = check_config(train_config(tmp_path / "run", tiny_model, pairs))
+    prepared = reference.prepare_pairs(config, "fp32", with_reference=False)
+    assert prepared.manifest["counts"] == {"pairs": 5, "prompts_truncated": 0, "completions_truncated": 0,
+                                           "skipped": 1}
+    (reject,) = [json.loads(line) for line in (prepared.path.parent / "rejects.jsonl").read_text().splitlines()]
+    assert reject["id"] == rows[2]["id"]
+    assert "differ only after max_length (64 tokens)" in reject["reason"]
+    assert json.loads(reject["raw"])["chosen"] == rows[2]["chosen"]
+
+
+# ---- data order ------------------------------------------------------------------------------------
+
+def test_schedule_uses_each_pair_once_per_epoch_and_splits_deterministically():
+    s = Schedule(num_pairs=35, batch_size=8, micro_batch_size=2, num_workers=2, epochs=3, seed=7)
+    assert (s.steps_per_epoch, s.total_steps, s.dropped_per_epoch, s.accumulation) == (4, 12, 3, 2)
+    orders = []
+    for epoch in range(3):
+        steps = [s.step_indices(epoch * 4 + j) for j in range(4)]
+        flat = [i for step in steps for i in step]
+        assert len(flat) == len(set(flat)) == 32
+        assert flat == s.epoch_order(epoch)[:32]
+        orders.append(flat)
+        for j, step in enumerate(steps):
+            parts = {(m, r): s.micro_batches(epoch * 4 + j, r)[m] for m in range(2) for r in range(2)}
+            # micro-batch m of rank r is slice m * workers + r of the step
+            assert [i for m in range(2) for r in range(2) for i in parts[m, r]] == step
+    assert orders[0] != orders[1] != orders[2]
+    assert Schedule(35, 8, 2, 2, 3, 7).step_indices(5) == s.step_indices(5)
+    assert Schedule(35, 8, 2, 2, 3, 8).step_indices(5) != s.step_indices(5)
+
+
+# ---- LR schedule, DeepSpeed config, precision ---------------------------------------------------
+
+def test_lr_multiplier_by_hand():
+    cosine = engine.lr_multiplier("cosine", warmup_steps=2, total_steps=10)
+    assert [cosine(s) for s in (0, 1, 2)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert cosine(6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))   # = 0.5
+    assert cosine(9) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))   # > 0: no wasted step
+    linear = engine.lr_multiplier("linear", 2, 10)
+    assert [linear(s) for s in (4, 9)] == pytest.approx([1 - 2 / 8, 1 - 7 / 8])
+    assert engine.lr_multiplier("constant", 0, 10)(9) == 1.0
+
+
+def test_deepspeed_config_from_train_config(tmp_path, tiny_model):
+    config = train_config(tmp_path, tiny_model, tmp_path, "train.batch_size=16", "train.micro_batch_size=2",
+                          "train.zero_stage=3", "train.gradient_clipping=0.5", "train.offload_optimizer=true")
+    ds = engine.deepspeed_config(config.train, "bf16")
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 4)
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
+                                       "offload_optimizer": {"device": "cpu", "pin_memory": False}}
+    assert engine.deepspeed_config(config.train, "fp32")["bf16"] == {"enabled": False}
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch):
+    flags = open("/proc/cpuinfo").read().split()
+    assert engine.cpu_has_bf16() == any(f in flags for f in ("avx512_bf16", "amx_bf16", "bf16"))
+    assert engine.resolve_precision("fp32", use_gpu=False) == "fp32"
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(engine, "cpu_has_bf16", lambda: native)
+        assert engine.resolve_precision("auto", use_gpu=False) == expected
+
+
+# ---- fingerprints and the reference batch function ----------------------------------------------
+
+def test_fingerprint_sees_any_change_of_large_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(reference, "LARGE_FILE", 1000)
+    monkeypatch.setattr(reference, "SAMPLE", 100)
+    (tmp_path / "m").mkdir()
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(bytes(5000))
+    before = reference.tree_digest(tmp_path / "m")
+    weights.write_bytes(bytes(4999) + b"\x01")      # last byte: inside the sampled tail
+    assert reference.tree_digest(tmp_path / "m") != before
+    assert reference.tree_digest("org/name") == "name:org/name"
+
+
+def test_reference_batch_function_matches_transformers(tiny_model, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    rows = tokenize_pairs(tokenizer, toy_pairs(3) + [{"id": "x", "prompt": "A longer question about water?",
+                                                      "chosen": "yes it is", "rejected": "no"}], 64, 32).rows
+    batch = {k: np.array([np.array(r[k]) for r in rows] if k.endswith("_ids") else [r[k] for r in rows],
+                         dtype=object if k.endswith("_ids") else None)
+             for k in ("index", "prompt_ids", "chosen_ids", "rejected_ids")}
+    out = reference.ReferenceLogps(str(tiny_model), "fp32", tokenizer.pad_token_id)(batch)
+    assert out["index"].tolist() == [0, 1, 2, 3]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        for key, column in (("chosen_ids", "ref_chosen_logps"), ("rejected_ids", "ref_rejected_logps")):
+            sequence = row["prompt_ids"] + row[key]
+            with torch.no_grad():
+                logprobs = model(torch.tensor([sequence])).logits[0].double().log_softmax(-1)
+            n = len(row["prompt_ids"])
+            expected = sum(logprobs[t - 1, sequence[t]].item() for t in range(n, len(sequence)))
+            assert out[column][i] == pytest.approx(expected, abs=2e-4)
+
+
+# ---- config checks before any worker --------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: setattr(c.train, "loss", "apo_sideways"), r"^train\.loss: must be one of"),
+    (lambda c: setattr(c.train, "zero_stage", 5), r"^train\.zero_stage: must be 0, 1, 2 or 3, not 5"),
+    (lambda c: setattr(c.train, "batch_size", 10), r"^train\.batch_size: \(10\) must be a multiple"),
+    (lambda c: setattr(c.train, "pairs", "/nonexistent/pairs.jsonl"), r"^train\.pairs: /nonexistent/pairs\.jsonl not found"),
+    (lambda c: setattr(c.train, "pairs", None), r"^train\.pairs: is required"),
+    (lambda c: setattr(c.train, "model", None), r"^train\.model: is required"),
+    (lambda c: setattr(c.train, "model", "./no/such/model"), r"^train\.model: \./no/such/model not found"),
+    (lambda c: setattr(c.train, "loss_options", {"label_smoothin": 0.1}),
+     r"^train\.loss_options\.label_smoothin: not an option of loss 'apo_zero' \(options: none\)"),
+    (lambda c: setattr(c.train, "lora", type(c.train.lora)(enabled=True)), r"^train\.lora\.enabled:"),
+])
+def test_bad_config_fails_before_ray_starts(tmp_path, tiny_model, monkeypatch, change, message):
+    import rayalign.cluster
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the config was checked")
+
+    monkeypatch.setattr(rayalign.cluster, "connect", no_ray)
+    config = train_config(tmp_path / "run", tiny_model, write_pairs(tmp_path / "pairs.jsonl", 8))
+    change(config)
+    for entry in (run_train, run_reference):
+        with pytest.raises(ConfigError, match=message):
+            entry(config)
+
+
+def test_dpo_option_is_accepted(tmp_path, tiny_model):
+    config = train_config(tmp_path / "run", tiny_model, write_pairs(tmp_path / "pairs.jsonl", 8),
+                          "train.loss=dpo", "train.loss_options={label_smoothing: 0.1}")
+    checked = check_config(config)
+    assert checked.train.output == str((tmp_path / "run" / "train").resolve())
+    assert checked.train.storage_path == str((tmp_path / "run" / "train" / "ray").resolve())
