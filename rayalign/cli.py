@@ -9,7 +9,6 @@ from pathlib import Path
 from rayalign.config import ConfigError, dump_config, load_config
 
 STAGES_NOT_BUILT = {
-    "train": "APO training on Ray Train with DeepSpeed",
     "serve": "serve checkpoints on Ray Serve behind an OpenAI-compatible API",
     "eval": "evaluate served models through the endpoint",
     "pipeline": "run clair, reference, train, serve and eval in order",
@@ -61,6 +60,20 @@ def cmd_clair(args: argparse.Namespace) -> int:
     from rayalign.clair.pipeline import run_clair
 
     run_clair(load_config(args.config, args.overrides), limit=args.limit, dry_run=args.dry_run)
+    return 0
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    from rayalign.train.run import run_reference
+
+    print(f"reference log-probs in {run_reference(load_config(args.config, args.overrides))}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rayalign.train.run import run_train
+
+    run_train(load_config(args.config, args.overrides))
     return 0
 
 
@@ -121,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="estimate tokens and cost from the prompts; send nothing")
     p.set_defaults(func=cmd_clair)
 
+    p = sub.add_parser("reference", help="tokenize pairs and compute reference log-probs once (Ray Data)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_reference)
+
+    p = sub.add_parser("train", help="APO (or baseline) training on Ray Train with DeepSpeed")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
     for name, text in STAGES_NOT_BUILT.items():
         p = sub.add_parser(name, help=f"{text} (not built yet)")
         _add_config_args(p)
@@ -135,10 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rayalign.records import DataError
+    from rayalign.train.run import TrainError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, TrainError) as exc:
         print(f"rayalign {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:

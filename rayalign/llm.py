@@ -19,14 +19,17 @@ def engine_kwargs(engine: EngineConfig) -> dict:
         "max_model_len": engine.max_model_len,
         "gpu_memory_utilization": engine.gpu_memory_utilization,
         "tensor_parallel_size": engine.tensor_parallel_size,
-        "structured_outputs_config": {"backend": engine.structured_output_backend},
+        # Without the whitespace rule a weak model can pad JSON with spaces until max_tokens.
+        "structured_outputs_config": {"backend": engine.structured_output_backend, "disable_any_whitespace": True},
     }
     if engine.dtype != "auto":
         kwargs["dtype"] = engine.dtype
     if engine.gpus_per_engine == 0:
-        # vLLM's CPU sampler rejects per-request seeds under chunked prefill
-        # ("CPU Generator does not use offset"); seeds make redone units reproducible.
+        # vLLM's CPU sampler rejects per-request seeds under chunked prefill ("CPU Generator
+        # does not use offset", which kills the engine); seeds make redone units reproducible.
+        # Without chunking a batch must hold a whole prompt.
         kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(engine.max_model_len, 2048)
     return kwargs
 
 
@@ -39,7 +42,7 @@ def placement(engine: EngineConfig) -> dict:
 
 def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict],
                output_prefix: str, eos_token_id: int | None = None):
-    """A processor: `request(row)` returns {"messages", "temperature", "max_tokens", "seed",
+    """A function from dataset to dataset: `request(row)` returns {"messages", "temperature", "max_tokens", "seed",
     "schema"}; the output row is the input row plus `{prefix}_text`, `{prefix}_tokens`,
     `{prefix}_truncated` (hit max_tokens without eos) and `{prefix}_error` ('' when fine)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -65,17 +68,20 @@ def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict]
         return {**row, "messages": req["messages"], "sampling_params": params,
                 "_max_tokens": req["max_tokens"]}
 
-    def postprocess(row: dict) -> dict:
+    def finish(row: dict) -> dict:
         error = row.get("__inference_error__") or ""
-        text = row.get("generated_text") or ""
         tokens = list(row.get("generated_tokens") or [])
         truncated = (not error and len(tokens) >= row["_max_tokens"]
                      and (not tokens or tokens[-1] != eos_token_id))
-        keep = {k: v for k, v in row.items() if k in _passthrough_keys(row)}
-        return {**keep, f"{output_prefix}_text": text, f"{output_prefix}_tokens": len(tokens),
-                f"{output_prefix}_truncated": bool(truncated), f"{output_prefix}_error": str(error)}
+        keep = {k: v for k, v in row.items() if k not in _ENGINE_COLUMNS}
+        return {**keep, f"{output_prefix}_text": row.get("generated_text") or "",
+                f"{output_prefix}_tokens": len(tokens), f"{output_prefix}_truncated": bool(truncated),
+                f"{output_prefix}_error": str(error)}
 
-    return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    # Rows the engine failed on skip the processor's postprocess (ray.data.llm returns them
+    # as they are), so the outputs are built in a map that sees every row.
+    processor = build_processor(config, preprocess=preprocess, postprocess=lambda row: row)
+    return lambda ds: processor(ds).map(finish)
 
 
 # Columns the processor adds for its own use (`prompt` is the rendered chat prompt, so callers
@@ -87,6 +93,3 @@ _ENGINE_COLUMNS = {
     "__inference_error__", "prompt",
 }
 
-
-def _passthrough_keys(row: dict) -> set[str]:
-    return {k for k in row if k not in _ENGINE_COLUMNS}

@@ -1,16 +1,30 @@
-"""Shared fixtures: one tiny model per test session (and, in later stages, one Ray instance)."""
+"""Shared fixtures: one Ray instance, one tiny model, one student and one OpenAI-compatible
+server per test session (vLLM engine starts cost 15-60 s each on 2 cores)."""
 
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+SERVER_KEY = "sk-rayalign-test-0123456789"
 
-# Keep every vLLM engine small: the KV cache lives in CPU memory here.
+# Keep every vLLM engine small: the KV cache lives in CPU memory here (GiB).
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Set before Ray starts, so reviser actors inherit it as they would from a user's shell.
+os.environ["RAYALIGN_TEST_KEY"] = SERVER_KEY
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +32,51 @@ def tiny_model(tmp_path_factory):
     from rayalign.models import init_model
 
     return init_model(tmp_path_factory.mktemp("models") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="session")
+def student(tmp_path_factory):
+    """A tiny word-level model taught addition for a few hundred steps: it answers in the
+    task's format (four digits, eos) and is partly right."""
+    from rayalign.student import train_student
+
+    return train_student(tmp_path_factory.mktemp("models") / "student", steps=300)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session, with more logical CPUs than cores so that engines,
+    Serve and Train workers can be placed together."""
+    import ray
+
+    ray.init(num_cpus=8, object_store_memory=1024**3, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def openai_server(tiny_model, tmp_path_factory):
+    """vLLM's own OpenAI-compatible server on loopback, serving the tiny model (with a key)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "vllm.log"
+    cmd = [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
+           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--max-model-len", "1024", "--gpu-memory-utilization", "0.1", "--api-key", SERVER_KEY,
+           "--no-enable-chunked-prefill", "--structured-outputs-config", '{"backend": "guidance"}']
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM server exited: {log.read_text()[-3000:]}")
+        try:
+            if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(2)
+    else:
+        raise RuntimeError("vLLM server did not become healthy in 400 s")
+    yield {"base_url": url + "/v1", "model": "tiny", "key": SERVER_KEY, "log": log}
+    os.killpg(proc.pid, 15)
+    proc.wait(60)

@@ -207,3 +207,36 @@ def test_dpo_option_is_accepted(tmp_path, tiny_model):
     checked = check_config(config)
     assert checked.train.output == str((tmp_path / "run" / "train").resolve())
     assert checked.train.storage_path == str((tmp_path / "run" / "train" / "ray").resolve())
+
+
+# ---- one micro-batch of the loop, on a plain model ------------------------------------------------
+
+@pytest.mark.parametrize("loss", ["sft", "dpo", "kto"])
+def test_micro_batch_loss_by_hand(tmp_path, tiny_model, tokenizer, loss):
+    from transformers import AutoModelForCausalLM
+
+    from rayalign.train.forward import pair_logps
+    from rayalign.train.loop import _MEANS, _micro_batch_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    rows = tokenize_pairs(tokenizer, toy_pairs(4), 64, 32).rows
+    with torch.no_grad():
+        direct = pair_logps(model, rows, tokenizer.pad_token_id)
+    for i, row in enumerate(rows):  # a reference 1 nat below the policy on chosen, 2 above on rejected
+        row["ref_chosen_logps"] = direct["chosen"][i].item() - 1.0
+        row["ref_rejected_logps"] = direct["rejected"][i].item() + 2.0
+    config = train_config(tmp_path, tiny_model, tmp_path, f"train.loss={loss}")
+    value, row = _micro_batch_loss(model, None, rows, config.train, tokenizer.pad_token_id)
+
+    c, r = direct["chosen"].double(), direct["rejected"].double()
+    expected = {
+        "sft": (-c / direct["chosen_tokens"]).mean().item(),
+        "dpo": -math.log(1 / (1 + math.exp(-0.1 * (1.0 + 2.0)))),             # margin 0.1 * (1 - (-2))
+        "kto": ((1 - torch.sigmoid(torch.tensor(0.1))) + (1 - torch.sigmoid(torch.tensor(0.2)))).item() / 2,
+    }[loss]
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    metrics = dict(zip(_MEANS, row.tolist()))
+    assert metrics["rewards/chosen"] == pytest.approx(0.1, abs=1e-5)
+    assert metrics["rewards/rejected"] == pytest.approx(-0.2, abs=1e-5)
+    assert metrics["logps/chosen"] == pytest.approx(c.mean().item(), rel=1e-5)
+    assert row[-1].item() == sum(len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in rows)

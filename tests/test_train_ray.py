@@ -26,8 +26,10 @@ from tests.train_support import toy_pairs, train_config, write_pairs
 pytestmark = pytest.mark.integration
 
 # 32 pairs, 8 per step, 12 epochs: 48 steps, enough for APO-zero to separate the near misses.
-RUN_A = ("train.loss=apo_zero", "train.zero_stage=2", "train.epochs=12", "train.checkpoint_every=10",
-         "train.max_failures=2")
+# Warmup (5 steps) and cosine decay, so a resumed run must restore the scheduler too.
+RUN_A = ("train.loss=apo_zero", "train.zero_stage=2", "train.epochs=12", "train.learning_rate=1.5e-3",
+         "train.lr_schedule=cosine", "train.warmup_ratio=0.1", "train.checkpoint_every=10", "train.max_failures=2")
+TIMINGS = ("tokens/s", "pairs/s", "elapsed_s")
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +38,16 @@ def ray_cluster():
 
     # Ray Train's controller collects each report at this interval (2 s by default), which
     # would dominate steps of a tiny model; it also detects a dead worker sooner.
+    # The driver passes it on to the controller when a trainer starts, so it may be set late.
     previous = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False)
+    # A session-wide Ray started by an earlier module is shared, and left to its owner.
+    owned = not ray.is_initialized()
+    if owned:
+        ray.init(num_cpus=4, num_gpus=0, include_dashboard=False)
     yield ray
-    ray.shutdown()
+    if owned:
+        ray.shutdown()
     if previous is None:
         os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
     else:
@@ -185,7 +190,7 @@ def test_first_step_equals_single_process_computation(run_a, tiny_model):
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert first[key] == pytest.approx(metrics[key].item(), abs=1e-6)
     assert first["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
-    assert first["learning_rate"] == 1e-3
+    assert first["learning_rate"] == pytest.approx(1.5e-3 / 6)          # warmup step 1 of 5
 
 
 def test_export_loads_in_vllm_and_generates_like_transformers(run_a):
@@ -287,4 +292,35 @@ def test_killed_worker_resumes_from_checkpoint_exactly_once(run_a, toy, capfd):
         counts = Counter(i for s in steps if s["epoch"] == epoch for i in s["ids"])
         assert sorted(counts) == sorted(p["id"] for p in toy_pairs(32)) and set(counts.values()) == {1}
     assert max_difference(load_weights(summary["final"]), load_weights(baseline["final"])) < 1e-6
-    assert summary["final_metrics"]["loss"] == pytest.approx(baseline["final_metrics"]["loss"], abs=1e-6)
+    # Every metric of every step, learning rate included, is the uninterrupted run's.
+    ours, theirs = (read_jsonl(Path(s["output"]) / "metrics.jsonl") for s in (summary, baseline))
+    assert len(ours) == len(theirs) == 48
+    for mine, reference_row in zip(ours, theirs):
+        expected = {k: v for k, v in reference_row.items() if k not in TIMINGS}
+        assert {k: v for k, v in mine.items() if k not in TIMINGS} == pytest.approx(expected, abs=1e-6)
+
+
+# ---- detected precision, optimizer offload, gradient checkpointing; a finished run rerun ----------------
+
+def test_auto_precision_offload_checkpointing_and_rerun_of_a_finished_run(ray_cluster, toy):
+    from rayalign.train.engine import cpu_has_bf16
+
+    config = toy("bf16", "train.precision=auto", "train.zero_stage=1", "train.offload_optimizer=true",
+                 "train.gradient_checkpointing=true", "train.epochs=1", "train.num_workers=1",
+                 "train.micro_batch_size=4")
+    summary = run_train(config)
+    expected = "bf16" if cpu_has_bf16() else "fp32"
+    assert summary["precision"] == expected
+    exported = json.loads((Path(summary["final"]) / "config.json").read_text())
+    assert exported["dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[expected]
+    metrics = read_jsonl(Path(summary["output"]) / "metrics.jsonl")
+    assert len(metrics) == 4
+    assert metrics[0]["loss"] == pytest.approx(1.0, abs=1e-3)
+    assert metrics[-1]["rewards/margins"] > 0.05
+
+    events = sorted((Path(summary["output"]) / "tensorboard").iterdir())
+    again = run_train(config)
+    # Nothing was retrained: no worker opened a new TensorBoard event file.
+    assert sorted((Path(summary["output"]) / "tensorboard").iterdir()) == events
+    assert again["final_metrics"] == summary["final_metrics"]
+    assert max_difference(load_weights(again["final"]), load_weights(summary["final"])) == 0

@@ -69,13 +69,15 @@ def completed_ids(out_dir: Path) -> set[str]:
 
 
 def pair_row(row: dict, chosen: str, rejected: str, source: str, reviser: str) -> dict:
+    """A pair in TRL's layout; the reviser's or judge's full output is kept in metadata."""
     prompt = json.loads(row["prompt_json"])
     conversational = isinstance(prompt, list)
     wrap = (lambda text: [{"role": "assistant", "content": text}]) if conversational else (lambda text: text)
     return {
         "id": row["unit_id"], "prompt": prompt, "chosen": wrap(chosen), "rejected": wrap(rejected),
         "source": source, "reviser": reviser, **contrast(chosen, rejected),
-        "metadata": {"prompt_id": row["prompt_id"], "sample": int(row["sample"])},
+        "metadata": {"prompt_id": row["prompt_id"], "sample": int(row["sample"]),
+                     **({"reviser_output": row["raw"]} if row.get("raw") else {})},
     }
 
 

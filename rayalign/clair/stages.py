@@ -38,7 +38,8 @@ def target_request(sampling: SamplingConfig):
 def answer_outcome(row: dict) -> dict:
     """Rejects rows whose target answer failed or was cut off; others go on with outcome ''."""
     # Every row carries every outcome column, so Ray Data blocks keep one schema.
-    row = {**row, "outcome": "", "detail": "", "raw": "", "chosen": "", "rejected": ""}
+    row = {**row, "answer": row.pop("answer_text"), "outcome": "", "detail": "", "raw": "", "chosen": "",
+           "rejected": ""}
     if row["answer_error"]:
         return {**row, "outcome": "generation_failed", "detail": row["answer_error"][:500]}
     if row["answer_truncated"]:

@@ -150,8 +150,8 @@ def save_state(engine, directory: Path, rank: int, trainer_state: dict | None) -
         (directory / "trainer_state.json").write_text(json.dumps(trainer_state))
 
 
-def load_state(engine, directory: Path, rank: int) -> dict:
-    """Restore what save_state wrote; returns the trainer state."""
+def load_state(engine, directory: Path, rank: int) -> None:
+    """Restore this rank's part of what save_state wrote (the trainer state is read by the loop)."""
     import numpy as np
     import torch
 
@@ -165,7 +165,6 @@ def load_state(engine, directory: Path, rank: int) -> dict:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((directory / "trainer_state.json").read_text())
 
 
 # ---- export ----------------------------------------------------------------------------------

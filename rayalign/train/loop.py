@@ -15,14 +15,13 @@ lands in exactly one step of the final trajectory. The last report carries the e
 
 from __future__ import annotations
 
-import functools
 import inspect
+import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from rayalign.train.logs import METRICS
 
 # Per micro-batch sums reduced over workers: the metrics that are means, then token count.
 _MEANS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -36,54 +35,41 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from rayalign.train.engine import build_engine, export_hf, load_model, load_state, save_state
-    from rayalign.train.forward import pair_logps
     from rayalign.train.logs import RunLog
-    from rayalign.train.losses import LOSSES
 
     train, schedule, precision = config["train"], config["schedule"], config["precision"]
     output, pad_id = Path(config["output"]), config["pad_id"]
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     torch.manual_seed(train.seed + rank)
 
+    state = {"step": 0, "metrics": [], "steps": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = json.loads((Path(directory) / "trainer_state.json").read_text())
+        if state.get("done"):  # a finished run started again: its last report holds the model
+            return
+
     pairs = ray.get(config["pairs"]).to_pylist()
     engine = build_engine(train, precision, schedule.total_steps)
     reference = None
     if config["reference_model"] is not None:  # reference.on_the_fly
         reference = load_model(config["reference_model"], precision, trainable=False)
-    loss_fn = functools.partial(LOSSES[train.loss], beta=train.beta, **train.loss_options)
-    wants_counts = "chosen_token_count" in inspect.signature(LOSSES[train.loss]).parameters
-
-    state = {"step": 0, "metrics": [], "steps": []}
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = load_state(engine, Path(directory), rank)
-        if state.get("done"):
-            return
+            load_state(engine, Path(directory), rank)
         if rank == 0:
-            sys.stdout.write(f"rayalign train: resumed from step {state['step']} of {schedule.total_steps}\n")
+            _say(f"resumed from step {state['step']} of {schedule.total_steps}")
     log = RunLog(output, state["metrics"], state["steps"]) if rank == 0 else None
     started = time.perf_counter()
 
     for step in range(state["step"], schedule.total_steps):
         step_start = time.perf_counter()
         learning_rate = engine.get_lr()[0]
-        sums = torch.zeros(len(_MEANS) + 1, dtype=torch.float64)
-        grad_norm = None
+        sums, grad_norm = torch.zeros(len(_MEANS) + 1, dtype=torch.float64), None
         engine.train()
         for indices in schedule.micro_batches(step, rank):
-            batch = [pairs[i] for i in indices]
-            policy = pair_logps(engine, batch, pad_id)
-            if reference is not None:
-                with torch.no_grad():
-                    ref = pair_logps(reference, batch, pad_id)
-                ref_chosen, ref_rejected = ref["chosen"], ref["rejected"]
-            else:
-                ref_chosen = torch.tensor([p["ref_chosen_logps"] for p in batch], dtype=torch.float32)
-                ref_rejected = torch.tensor([p["ref_rejected_logps"] for p in batch], dtype=torch.float32)
-            options = {"chosen_token_count": policy["chosen_tokens"]} if wants_counts else {}
-            losses, metrics = loss_fn(policy["chosen"], policy["rejected"], ref_chosen, ref_rejected, **options)
-            loss = losses.mean()
+            loss, row = _micro_batch_loss(engine, reference, [pairs[i] for i in indices], train, pad_id)
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary() and not hasattr(engine.optimizer, "_global_grad_norm"):
                 # Without ZeRO and bf16, DeepSpeed steps the torch optimizer directly and records
@@ -91,9 +77,7 @@ def train_loop_per_worker(config: dict) -> None:
                 grad_norm = torch.nn.utils.get_total_norm(
                     [p.grad for p in engine.module.parameters() if p.grad is not None]).item()
             engine.step()
-            metrics = {**metrics, "loss": loss, "logps/chosen": policy["chosen"].mean(),
-                       "logps/rejected": policy["rejected"].mean()}
-            sums += torch.tensor([float(metrics[k].detach()) for k in _MEANS] + [policy["tokens"]], dtype=torch.float64)
+            sums += row
         dist.all_reduce(sums)
         seconds = time.perf_counter() - step_start
         means = (sums[:-1] / (schedule.accumulation * world)).tolist()
@@ -102,17 +86,15 @@ def train_loop_per_worker(config: dict) -> None:
                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "learning_rate": learning_rate, "tokens/s": float(sums[-1]) / seconds,
                    "pairs/s": schedule.batch_size / seconds, "elapsed_s": time.perf_counter() - started}
-        ids = [pairs[i]["id"] for i in schedule.step_indices(step)]
-        record = {"step": step + 1, "epoch": metrics["epoch"], "ids": ids}
+        record = {"step": step + 1, "epoch": metrics["epoch"],
+                  "ids": [pairs[i]["id"] for i in schedule.step_indices(step)]}
         state["metrics"].append(metrics)
         state["steps"].append(record)
         state["step"] = step + 1
         if log is not None:
             log.add(metrics, record)
-            # Not print(): Ray Train patches it to log as well, which shows every line twice.
-            sys.stdout.write(f"rayalign train: step {step + 1}/{schedule.total_steps}  loss {metrics['loss']:.4f}  "
-                             f"margin {metrics['rewards/margins']:+.4f}  {metrics['pairs/s']:.1f} pairs/s\n")
-            sys.stdout.flush()
+            _say(f"step {step + 1}/{schedule.total_steps}  loss {metrics['loss']:.4f}  "
+                 f"margin {metrics['rewards/margins']:+.4f}  {metrics['pairs/s']:.1f} pairs/s")
         if step + 1 == schedule.total_steps:
             break
         if (step + 1) % train.checkpoint_every == 0:
@@ -128,12 +110,44 @@ def train_loop_per_worker(config: dict) -> None:
         export_hf(engine, train, Path(directory) / "model", rank)
         final = None
         if rank == 0:
-            import json
-
             (Path(directory) / "trainer_state.json").write_text(json.dumps({**state, "done": True}))
             final = ray.train.Checkpoint.from_directory(directory)
             log.close()
         ray.train.report(_reportable(state["metrics"][-1]), checkpoint=final, checkpoint_dir_name="final")
+
+
+def _micro_batch_loss(engine, reference, batch: list[dict], train, pad_id: int):
+    """The mean loss of one micro-batch and its metric row (the _MEANS, then the token count)."""
+    import torch
+
+    from rayalign.train.forward import pair_logps
+    from rayalign.train.losses import LOSSES
+
+    policy = pair_logps(engine, batch, pad_id)
+    if reference is not None:
+        with torch.no_grad():
+            ref = pair_logps(reference, batch, pad_id)
+        ref_chosen, ref_rejected = ref["chosen"], ref["rejected"]
+    else:
+        ref_chosen = torch.tensor([p["ref_chosen_logps"] for p in batch], dtype=torch.float32)
+        ref_rejected = torch.tensor([p["ref_rejected_logps"] for p in batch], dtype=torch.float32)
+    loss_fn = LOSSES[train.loss]
+    options = dict(train.loss_options)
+    if "chosen_token_count" in inspect.signature(loss_fn).parameters:  # sft
+        options["chosen_token_count"] = policy["chosen_tokens"]
+    losses, metrics = loss_fn(policy["chosen"], policy["rejected"], ref_chosen, ref_rejected, beta=train.beta,
+                              **options)
+    loss = losses.mean()
+    metrics = {**metrics, "loss": loss, "logps/chosen": policy["chosen"].mean(),
+               "logps/rejected": policy["rejected"].mean()}
+    row = [float(metrics[k].detach()) for k in _MEANS] + [policy["tokens"]]
+    return loss, torch.tensor(row, dtype=torch.float64)
+
+
+def _say(text: str) -> None:
+    # Not print(): Ray Train patches print to log as well, which shows every line twice.
+    sys.stdout.write(f"rayalign train: {text}\n")
+    sys.stdout.flush()
 
 
 def _reportable(metrics: dict) -> dict:

@@ -47,6 +47,7 @@ def run_train(config: RunConfig) -> dict:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
+    from transformers import AutoTokenizer
 
     from rayalign.train.data import Schedule
     from rayalign.train.logs import plot_curves, write_history
@@ -65,8 +66,6 @@ def run_train(config: RunConfig) -> dict:
     if schedule.total_steps == 0:
         raise ConfigError(f"train.batch_size: ({train.batch_size}) is more than the {len(table)} usable pairs "
                           f"of {train.pairs}")
-    from transformers import AutoTokenizer
-
     run_id = _run_id(config, prepared.manifest["fingerprint"], precision)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -91,6 +90,8 @@ def run_train(config: RunConfig) -> dict:
         raise TrainError(f"training failed (after up to train.max_failures={train.max_failures} restarts): "
                          f"{exc}") from exc
 
+    # The rank-0 worker wrote the live logs on its node; the driver writes the final outputs here.
+    output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as directory:
         result.checkpoint.to_directory(directory)
         state = json.loads((Path(directory) / "trainer_state.json").read_text())

@@ -1,0 +1,241 @@
+"""The CLAIR stage end to end on real Ray Data and vLLM (CPU), with each reviser backend."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+import zlib
+
+import pytest
+import yaml
+
+from rayalign import records
+from rayalign.clair import contrast, verifier
+from rayalign.clair.pipeline import run_clair
+from rayalign.config import load_config
+from rayalign.tasks import addition_prompts
+from tests.conftest import PYTHON, ROOT, SERVER_KEY
+from tests.fault_proxy import FaultProxy
+
+pytestmark = pytest.mark.integration
+
+ENGINE = {"dtype": "float32", "max_model_len": 256, "gpu_memory_utilization": 0.1, "batch_size": 8}
+
+
+def setup_run(tmp_path, student, ray_session, prompts, **sections):
+    records.write_rows(prompts, tmp_path / "prompts", "jsonl")
+    clair = {"prompts": str(tmp_path / "prompts"), "target_model": str(student), "engine": ENGINE,
+             "sampling": {"temperature": 1.0, "max_tokens": 8}}
+    for key, value in sections.items():
+        clair[key] = {**clair.get(key, {}), **value} if isinstance(value, dict) else value
+    raw = {"run_dir": str(tmp_path / "run"),
+           "cluster": {"address": ray_session.get_runtime_context().gcs_address}, "clair": clair}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, load_config(path)
+
+
+def outputs(out):
+    pairs = [r.value for r in records.read_records(out / "pairs")] if (out / "pairs").exists() else []
+    rejects = [r.value for r in records.read_records(out / "rejects")] if (out / "rejects").exists() else []
+    return pairs, rejects
+
+
+def assert_exactly_once(out, expected_ids):
+    pairs, rejects = outputs(out)
+    ids = [p["id"] for p in pairs] + [r["id"] for r in rejects]
+    assert sorted(ids) == sorted(expected_ids), "every unit exactly once in pairs or rejects"
+    assert not [p for p in out.rglob("*.tmp")]
+    return pairs, rejects
+
+
+def test_verifier_pairs_exactly_once_after_a_kill(tmp_path, student, ray_session):
+    prompts = addition_prompts(48, seed=5)
+    # One prompt longer than the engine's context: the engine cannot answer it.
+    prompts.append({"id": "too-long", "prompt": "add: " + "1 " * 400, "reference": "0 0 0 0"})
+    path, config = setup_run(tmp_path, student, ray_session, prompts, rows_per_shard=2,
+                             engine={"batch_size": 1})
+    out = tmp_path / "run" / "clair"
+    log = tmp_path / "clair.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([PYTHON, "-m", "rayalign.cli", "clair", "--config", str(path)], cwd=ROOT,
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if sum(len(os.listdir(out / k)) for k in ("pairs", "rejects") if (out / k).exists()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before the kill: {log.read_text()[-3000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = sum(len(part) for part in outputs(out))
+    assert 0 < before < len(prompts), f"the kill should land mid-run ({before} of {len(prompts)} written)"
+
+    summary = run_clair(config)
+    pairs, rejects = assert_exactly_once(out, [p["id"] for p in prompts])
+    reference = {p["id"]: p["reference"] for p in prompts}
+    for pair in pairs:
+        assert pair["chosen"] == reference[pair["id"]]
+        assert not verifier.is_correct(pair["rejected"], reference[pair["id"]])
+        assert pair["rejected"].strip() and set(pair["rejected"].split()) <= set("0123456789")
+        assert (pair["source"], pair["reviser"]) == ("clair", "verifier")
+        assert pair["jaccard"] == pytest.approx(contrast.jaccard(pair["chosen"], pair["rejected"]))
+        assert pair["levenshtein"] == contrast.levenshtein(pair["chosen"], pair["rejected"])
+    reasons = {r["id"]: r["reason"] for r in rejects}
+    assert reasons.pop("too-long") == "generation_failed"
+    for reject in rejects:
+        if reject["reason"] == "identical":
+            assert reject["answer"] == reference[reject["id"]]
+    assert set(reasons.values()) <= {"identical", "answer_too_long"}
+    assert pairs, "a partly trained student makes near misses"
+
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["pairs"] == len(pairs) == summary["pairs"]
+    assert saved["rejects"] == len(rejects)
+    assert sum(saved["rejects_by_reason"].values()) == len(rejects)
+    assert saved["contrast"]["jaccard"]["count"] == len(pairs)
+    assert saved["contrast"]["jaccard"]["mean"] == pytest.approx(sum(p["jaccard"] for p in pairs) / len(pairs))
+    assert (out / "contrast.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    files = sorted(p.name for p in out.rglob("part-*"))
+    again = run_clair(config)
+    assert again["this_run"]["pairs"] == again["this_run"]["rejects"] == 0
+    assert sorted(p.name for p in out.rglob("part-*")) == files
+
+
+def test_vllm_reviser_with_structured_output(tmp_path, student, tiny_model, ray_session):
+    prompts = addition_prompts(8, seed=11)
+    reviser = {"backend": "vllm", "model": str(tiny_model), "structured_output": True, "structured_max_chars": 24,
+               "max_tokens": 96, "engine": {**ENGINE, "max_model_len": 1024}}
+    _, config = setup_run(tmp_path, student, ray_session, prompts, reviser=reviser)
+    run_clair(config)
+    pairs, rejects = assert_exactly_once(tmp_path / "run" / "clair", [p["id"] for p in prompts])
+    assert pairs, "a random reviser's constrained revision differs from the answer"
+    for pair in pairs:
+        assert pair["reviser"] == f"vllm:{tiny_model}"
+    allowed = {"identical", "empty_revision", "answer_too_long", "revision_too_long"}
+    assert {r["reason"] for r in rejects} <= allowed
+    # Each pair's chosen is exactly the revision field of the reviser's JSON output.
+    for pair in pairs:
+        assert json.loads(pair["metadata"]["reviser_output"])["revision"].strip() == pair["chosen"]
+
+
+def fault_plan(always_fail):
+    faults = ["429", "500", "timeout", "garbage", "disconnect"]
+
+    def plan(body, attempt):
+        text = body.decode()
+        if any(question in text for question in always_fail):
+            return "500"
+        # The first try of every request fails, with a fault picked by the request's content.
+        return faults[zlib.crc32(body) % len(faults)] if attempt == 1 else None
+    return plan
+
+
+def test_openai_reviser_survives_a_flaky_endpoint_and_a_token_budget(tmp_path, student, ray_session,
+                                                                     openai_server, capfd):
+    prompts = addition_prompts(16, seed=21)
+    always_fail = {p["id"]: p["prompt"] for p in prompts[:2]}
+    proxy = FaultProxy(openai_server["base_url"].removesuffix("/v1"), fault_plan(set(always_fail.values())),
+                       delay_s=3.0)
+    base_url = proxy.start()
+    reviser = {"backend": "openai", "base_url": base_url, "model": "tiny", "api_key_env": "RAYALIGN_TEST_KEY",
+               "structured_output": True, "structured_max_chars": 24, "max_tokens": 96, "timeout_s": 1.5,
+               "max_retries": 3, "max_concurrency": 4}
+    _, config = setup_run(tmp_path, student, ray_session, prompts, reviser=reviser, max_total_tokens=3000)
+    first = run_clair(config)
+    out = tmp_path / "run" / "clair"
+    written = sum(len(part) for part in outputs(out))
+    assert first["this_run"]["deferred"] > 0, "the budget stops the run before every unit is sent"
+    assert written + first["this_run"]["deferred"] == len(prompts)
+
+    config.clair.max_total_tokens = None
+    run_clair(config)
+    proxy.stop()
+    pairs, rejects = assert_exactly_once(out, [p["id"] for p in prompts])
+    failed = {r["id"]: r["detail"] for r in rejects if r["reason"] == "request_failed"}
+    assert failed == {uid: "HTTP 500 from the endpoint (after 4 attempts)" for uid in always_fail}
+    assert pairs
+    assert set(proxy.faults) == {"429", "500", "timeout", "garbage", "disconnect"}
+    assert proxy.authorizations == {f"Bearer {SERVER_KEY}"}
+    # The key reached the endpoint but never the outputs or the logs.
+    captured = capfd.readouterr()
+    assert SERVER_KEY not in captured.out + captured.err
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SERVER_KEY.encode() not in path.read_bytes(), path
+
+
+def test_onpolicy_judge_with_an_llm_judge(tmp_path, student, ray_session, openai_server):
+    prompts = addition_prompts(6, seed=31)
+    reviser = {"backend": "openai", "base_url": openai_server["base_url"], "model": "tiny",
+               "api_key_env": "RAYALIGN_TEST_KEY", "structured_output": True, "structured_max_chars": 16,
+               "max_tokens": 64}
+    _, config = setup_run(tmp_path, student, ray_session, prompts, mode="onpolicy_judge",
+                          sampling={"n": 2}, reviser=reviser)
+    run_clair(config)
+    pairs, rejects = assert_exactly_once(tmp_path / "run" / "clair", [p["id"] for p in prompts])
+    for pair in pairs:
+        assert pair["source"] == "onpolicy_judge"
+        assert pair["chosen"] != pair["rejected"]
+        assert json.loads(pair["metadata"]["reviser_output"])["verdict"] in {"A", "B"}
+    for reject in rejects:
+        assert reject["reason"] in {"tie", "identical", "answer_too_long"}
+        if reject["reason"] == "tie":
+            assert reject["detail"].startswith("verdicts ")
+
+
+def test_onpolicy_judge_with_the_verifier_and_limit(tmp_path, student, ray_session):
+    prompts = addition_prompts(10, seed=41)
+    _, config = setup_run(tmp_path, student, ray_session, prompts, mode="onpolicy_judge", sampling={"n": 2})
+    out = tmp_path / "run" / "clair"
+    run_clair(config, limit=3)
+    assert sum(len(part) for part in outputs(out)) == 3
+    run_clair(config)
+    pairs, rejects = assert_exactly_once(out, [p["id"] for p in prompts])
+    reference = {p["id"]: p["reference"] for p in prompts}
+    for pair in pairs:
+        ref = reference[pair["id"]]
+        assert verifier.score(pair["chosen"], ref) > verifier.score(pair["rejected"], ref)
+    assert {r["reason"] for r in rejects} <= {"tie", "answer_too_long"}
+
+
+def test_stronger_preferred_with_the_verifier(tmp_path, student, ray_session):
+    prompts = addition_prompts(6, seed=51)
+    _, config = setup_run(tmp_path, student, ray_session, prompts, mode="stronger_preferred")
+    run_clair(config)
+    pairs, rejects = assert_exactly_once(tmp_path / "run" / "clair", [p["id"] for p in prompts])
+    reference = {p["id"]: p["reference"] for p in prompts}
+    assert all(p["chosen"] == reference[p["id"]] and p["source"] == "stronger_preferred" for p in pairs)
+    assert all(r["reason"] in {"identical", "answer_too_long"} for r in rejects)
+
+
+def test_dry_run_estimates_without_sending(tmp_path, student, ray_session):
+    from rayalign.clair.revision import revision_request
+
+    prompts = addition_prompts(5, seed=61)
+    reviser = {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "gpt-4-turbo",
+               "api_key_env": "RAYALIGN_TEST_KEY", "max_tokens": 100, "price_per_million_input_tokens": 10.0,
+               "price_per_million_output_tokens": 30.0}
+    _, config = setup_run(tmp_path, student, ray_session, prompts, reviser=reviser, sampling={"max_tokens": 8})
+    result = run_clair(config, dry_run=True)
+    stub = "x" * 32  # 8 answer tokens at 4 characters each
+    expected_in = sum(len(revision_request(p["prompt"], stub)) // 4 + 1 for p in prompts)
+    assert result == {"dry_run": True, "units": 5, "reviser_requests": 5, "target_generated_tokens_max": 40,
+                      "reviser_input_tokens_max": expected_in, "reviser_output_tokens_max": 500,
+                      "estimated_cost": round((expected_in * 10 + 500 * 30) / 1e6, 4)}
+    assert not (tmp_path / "run" / "clair" / "pairs").exists()
+
+
+def test_offpolicy_mode_imports_judged_pairs(tmp_path, ray_session, student):
+    src = tmp_path / "judged.jsonl"
+    src.write_text(json.dumps({"prompt": "Say hi", "chosen": "Hi there!", "rejected": "Hi."}) + "\n")
+    _, config = setup_run(tmp_path, student, ray_session, [{"id": "unused", "prompt": "x"}], mode="offpolicy")
+    config.clair.prompts = str(src)
+    summary = run_clair(config)
+    (pair,) = outputs(tmp_path / "run" / "clair")[0]
+    assert (pair["chosen"], pair["rejected"], pair["source"]) == ("Hi there!", "Hi.", "offpolicy")
+    assert pair["jaccard"] == pytest.approx(2 / 4)  # {Hi, .} of {Hi, there, !, .}
+    assert pair["levenshtein"] == 7
+    assert summary["pairs"] == 1
