@@ -62,7 +62,7 @@ def openai_server(tiny_model, tmp_path_factory):
     cmd = [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", "1024", "--gpu-memory-utilization", "0.1", "--api-key", SERVER_KEY,
-           "--no-enable-chunked-prefill", "--structured-outputs-config", '{"backend": "guidance"}']
+           "--no-enable-chunked-prefill", "--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}']
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

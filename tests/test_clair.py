@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import time
-import zlib
 
 import pytest
 import yaml
@@ -123,13 +122,17 @@ def test_vllm_reviser_with_structured_output(tmp_path, student, tiny_model, ray_
 
 def fault_plan(always_fail):
     faults = ["429", "500", "timeout", "garbage", "disconnect"]
+    first_tries = {}
 
     def plan(body, attempt):
         text = body.decode()
         if any(question in text for question in always_fail):
             return "500"
-        # The first try of every request fails, with a fault picked by the request's content.
-        return faults[zlib.crc32(body) % len(faults)] if attempt == 1 else None
+        # The first try of every request fails, each fault in turn; the retry goes through.
+        if attempt == 1:
+            first_tries.setdefault(body, len(first_tries))
+            return faults[first_tries[body] % len(faults)]
+        return None
     return plan
 
 
@@ -236,6 +239,6 @@ def test_offpolicy_mode_imports_judged_pairs(tmp_path, ray_session, student):
     summary = run_clair(config)
     (pair,) = outputs(tmp_path / "run" / "clair")[0]
     assert (pair["chosen"], pair["rejected"], pair["source"]) == ("Hi there!", "Hi.", "offpolicy")
-    assert pair["jaccard"] == pytest.approx(2 / 4)  # {Hi, .} of {Hi, there, !, .}
+    assert pair["jaccard"] == pytest.approx(1 / 4)  # {Hi} shared of {Hi, there, !, .}
     assert pair["levenshtein"] == 7
     assert summary["pairs"] == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 from rayalign.clair import revision, verifier
 from rayalign.clair.endpoint import Endpoint, RequestFailed
@@ -197,15 +198,27 @@ class OpenAIStage:
 
     def __init__(self, reviser: ReviserConfig, request, budget=None):
         self.reviser, self.request, self.budget = reviser, request, budget
+        # Ray Data calls the actor from worker threads; the client, its connection pool and the
+        # concurrency limits live on one event loop in a thread of their own.
         self.loop = asyncio.new_event_loop()
-        self.endpoint = Endpoint(reviser.base_url, reviser.model, reviser.api_key_env,
-                                 max_concurrency=reviser.max_concurrency,
-                                 requests_per_second=reviser.requests_per_second,
-                                 max_retries=reviser.max_retries, timeout_s=reviser.timeout_s)
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.endpoint = self._run(self._endpoint())
+
+    async def _endpoint(self) -> Endpoint:
+        r = self.reviser
+        return Endpoint(r.base_url, r.model, r.api_key_env, max_concurrency=r.max_concurrency,
+                        requests_per_second=r.requests_per_second, max_retries=r.max_retries, timeout_s=r.timeout_s)
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    async def _all(self, rows: list[dict]) -> list[dict]:
+        return await asyncio.gather(*(self.one(row) for row in rows))
 
     def __call__(self, batch: dict) -> dict:
-        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        done = self.loop.run_until_complete(asyncio.gather(*(self.one(row) for row in rows)))
+        columns = {k: (v.tolist() if hasattr(v, "tolist") else list(v)) for k, v in batch.items()}
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        done = self._run(self._all(rows))
         return {key: [row[key] for row in done] for key in done[0]} if done else batch
 
     async def one(self, row: dict) -> dict:
