@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -11,7 +12,6 @@ from rayalign.config import ConfigError, dump_config, load_config
 STAGES_NOT_BUILT = {
     "serve": "serve checkpoints on Ray Serve behind an OpenAI-compatible API",
     "eval": "evaluate served models through the endpoint",
-    "pipeline": "run clair, reference, train, serve and eval in order",
 }
 
 
@@ -74,6 +74,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rayalign.train.run import run_train
 
     run_train(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from rayalign.pipeline import run_pipeline
+
+    manifest = run_pipeline(load_config(args.config, args.overrides))
+    print(json.dumps(manifest["result"], indent=2))
     return 0
 
 
@@ -141,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="APO (or baseline) training on Ray Train with DeepSpeed")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pipeline", help="clair, reference, train, serve and eval in order, resuming what is done")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_pipeline)
 
     for name, text in STAGES_NOT_BUILT.items():
         p = sub.add_parser(name, help=f"{text} (not built yet)")

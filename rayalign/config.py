@@ -243,6 +243,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     offload_optimizer: bool = False
     checkpoint_every: int = 50
+    # Steps between reports to Ray Train (checkpoints always report).
+    report_every: int = 10
     keep_checkpoints: int = 2
     max_failures: int = 2
     seed: int = 0
@@ -266,6 +268,7 @@ class TrainConfig:
         _check(self.max_prompt_length < self.max_length, f"{key}.max_prompt_length", "must be below max_length")
         _check(self.gradient_clipping >= 0, f"{key}.gradient_clipping", "must not be negative")
         _check(self.checkpoint_every >= 1, f"{key}.checkpoint_every", "must be at least 1")
+        _check(self.report_every >= 1, f"{key}.report_every", "must be at least 1")
         _check(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be at least 1")
         _check(self.max_failures >= 0, f"{key}.max_failures", "must not be negative")
         _check(not self.offload_optimizer or self.zero_stage >= 1, f"{key}.offload_optimizer",
@@ -286,12 +289,34 @@ class ServeConfig:
     api_key_env: str | None = None
     min_replicas: int = 1
     max_replicas: int = 1
+    # In `rayalign pipeline`: leave the deployment running after evaluation.
+    keep: bool = False
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # The Serve application's name on the cluster (`rayalign serve status/shutdown` use it).
+    app_name: str = "rayalign"
+    # Logical CPUs reserved by each model replica's actor and by the HTTP ingress, on top of
+    # the engine's own bundle (engine.cpus_per_engine); 0 lets them fit on a small machine.
+    replica_cpus: float = 0.0
+    ingress_cpus: float = 0.0
+    # How long to wait for the application to run before giving up with Serve's reason.
+    ready_timeout_s: float = 600.0
+    # Where the Serve config file (for `serve deploy`, KubeRay) is written; default <run_dir>/serve.
+    output: str | None = None
+    # More vLLM engine arguments for serving only, passed as they are (e.g. enforce_eager,
+    # chat_template, max_num_seqs); they override those derived from serve.engine.
+    engine_args: dict[str, str | int | float | bool] = field(default_factory=dict)
 
     def validate(self, key: str) -> None:
         _check(0 < self.port < 65536, f"{key}.port", "must be a TCP port number")
         _check(self.min_replicas >= 0, f"{key}.min_replicas", "must not be negative")
         _check(self.max_replicas >= max(1, self.min_replicas), f"{key}.max_replicas", "must be at least min_replicas and 1")
+        _check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.app_name) is not None, f"{key}.app_name",
+               "may hold only letters, digits, '.', '_' and '-'")
+        _check(self.replica_cpus >= 0, f"{key}.replica_cpus", "must not be negative")
+        _check(self.ingress_cpus >= 0, f"{key}.ingress_cpus", "must not be negative")
+        _check(self.ready_timeout_s > 0, f"{key}.ready_timeout_s", "must be positive")
+        _check(self.api_key_env is None or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env) is not None,
+               f"{key}.api_key_env", "must be the name of an environment variable, not the key itself")
         self.engine.validate(f"{key}.engine")
 
 
@@ -309,11 +334,36 @@ class EvalConfig:
     concurrency: int = 8
     max_retries: int = 4
     output: str | None = None
+    # Seconds before one request is abandoned (and retried).
+    timeout_s: float = 60.0
+    # Evaluate only the first N examples of eval.data.
+    limit: int | None = None
+    # kind 'exact': a regex whose group 1 is the final answer (default: the whole response).
+    answer_pattern: str | None = None
+    # The judge's key variable; default eval.api_key_env (then serve.api_key_env) when the
+    # judge is on the same endpoint, none otherwise.
+    judge_api_key_env: str | None = None
+    # Ask the judge for JSON-schema output (verdict as an enum); judge_max_chars caps its free
+    # strings so that a weak judge closes its JSON within judge_max_tokens.
+    judge_structured: bool = False
+    judge_max_chars: int | None = None
+    judge_max_tokens: int = 512
 
     def validate(self, key: str) -> None:
         _check(self.max_tokens >= 1, f"{key}.max_tokens", "must be at least 1")
         _check(self.concurrency >= 1, f"{key}.concurrency", "must be at least 1")
         _check(self.max_retries >= 0, f"{key}.max_retries", "must not be negative")
+        _check(self.timeout_s > 0, f"{key}.timeout_s", "must be positive")
+        _check(self.limit is None or self.limit >= 1, f"{key}.limit", "must be at least 1")
+        _check(self.judge_max_chars is None or self.judge_max_chars >= 1, f"{key}.judge_max_chars",
+               "must be at least 1")
+        _check(self.judge_max_tokens >= 1, f"{key}.judge_max_tokens", "must be at least 1")
+        if self.answer_pattern is not None:
+            try:
+                groups = re.compile(self.answer_pattern).groups
+            except re.error as exc:
+                raise ConfigError(f"{key}.answer_pattern: not a valid regex ({exc})") from None
+            _check(groups >= 1, f"{key}.answer_pattern", "needs a group around the final answer")
         if self.kind == "judge":
             _check(self.judge_model is not None, f"{key}.judge_model", "is required for kind 'judge'")
             _check(len(self.models) == 2, f"{key}.models", "must name exactly two models for kind 'judge'")
@@ -323,6 +373,8 @@ class EvalConfig:
 class RunConfig:
     run_dir: str = "runs/default"
     seed: int = 0
+    # On-policy rounds of `rayalign pipeline`: clair and train again with the new policy.
+    rounds: int = 1
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     clair: ClairConfig = field(default_factory=ClairConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
@@ -331,6 +383,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, key: str = "") -> None:
+        _check(self.rounds >= 1, "rounds", "must be at least 1")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):

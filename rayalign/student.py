@@ -8,8 +8,8 @@ others by a digit or two, which is what CLAIR's minimal revisions are for.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -34,15 +34,40 @@ def _batch(tokenizer, rng: random.Random, size: int):
 
 
 def train_student(out_dir: str | Path, steps: int = 600, lr: float = 1e-3, batch_size: int = 64,
-                  seed: int = 0, log_every: int = 100) -> Path:
-    """Build a tiny word-level model and teach it addition for `steps` steps; cached by arguments."""
+                  seed: int = 0, log_every: int = 100, target_accuracy: float | None = None,
+                  check_rows: list[dict] | None = None, attempts: int = 1) -> Path:
+    """Build a tiny word-level model and teach it addition; cached by its arguments.
+
+    Training stops after `steps` steps, or earlier, at a multiple of `log_every`, once greedy
+    accuracy on `check_rows` reaches `target_accuracy`. Accuracy jumps suddenly, at a step that
+    depends on the seed, and some seeds do not jump within a short run: with `attempts` > 1 a
+    student that misses the target is started again from the next seed (seed + 1, ...), and
+    the first to reach it is kept (otherwise the last attempt).
+    """
     out = Path(out_dir)
-    recipe = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed}
+    recipe = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "target": target_accuracy,
+              "attempts": attempts,
+              "check": hashlib.sha256(json.dumps([r["id"] for r in check_rows or []]).encode()).hexdigest()[:16]}
     marker = out / "student.json"
     if marker.exists() and json.loads(marker.read_text()).get("recipe") == recipe:
         return out
-    init_model(out, "tiny", tokenizer_kind="word", seed=seed, texts=vocabulary_texts())
+    started = time.perf_counter()
+    history = []
+    for attempt_seed in range(seed, seed + attempts):
+        init_model(out, "tiny", tokenizer_kind="word", seed=attempt_seed, texts=vocabulary_texts())
+        steps_run, accuracy = _teach(out, steps, lr, batch_size, attempt_seed, log_every, target_accuracy, check_rows)
+        history.append({"seed": attempt_seed, "steps_run": steps_run, "accuracy": accuracy})
+        if target_accuracy is None or accuracy >= target_accuracy:
+            break
+        print(f"  student seed {attempt_seed} stayed at {accuracy:.1%}; trying the next seed", flush=True)
+    marker.write_text(json.dumps({"recipe": recipe, **history[-1], "attempts": history,
+                                  "seconds": round(time.perf_counter() - started, 1)}))
+    return out
 
+
+def _teach(out: Path, steps: int, lr: float, batch_size: int, seed: int, log_every: int,
+           target_accuracy: float | None, check_rows: list[dict] | None) -> tuple[int, float | None]:
+    """Supervised steps on the model saved in `out`; saves it back; returns (steps, accuracy)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,11 +75,12 @@ def train_student(out_dir: str | Path, steps: int = 600, lr: float = 1e-3, batch
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # Linear warmup, then a constant rate: a decaying rate can stall a seed before its jump.
     warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     rng = random.Random(seed)
     started = time.perf_counter()
+    accuracy = None
     model.train()
     for step in range(1, steps + 1):
         input_ids, attention, labels, _ = _batch(tokenizer, rng, batch_size)
@@ -65,11 +91,31 @@ def train_student(out_dir: str | Path, steps: int = 600, lr: float = 1e-3, batch
         optimizer.step()
         schedule.step()
         if step % log_every == 0 or step == steps:
-            print(f"  student step {step}/{steps}  loss {loss.item():.3f}  {time.perf_counter() - started:.0f}s",
-                  flush=True)
+            if target_accuracy is not None:
+                accuracy = _accuracy(model.eval(), tokenizer, check_rows)
+                model.train()
+            shown = f"  accuracy {accuracy:.1%}" if accuracy is not None else ""
+            print(f"  student seed {seed} step {step}/{steps}  loss {loss.item():.3f}{shown}  "
+                  f"{time.perf_counter() - started:.0f}s", flush=True)
+            if accuracy is not None and accuracy >= target_accuracy:
+                break
     model.save_pretrained(out)
-    marker.write_text(json.dumps({"recipe": recipe, "seconds": round(time.perf_counter() - started, 1)}))
-    return out
+    return step, accuracy
+
+
+def _accuracy(model, tokenizer, rows: list[dict]) -> float:
+    """Greedy exact-match accuracy, batched (prompts of one task share a length)."""
+    import torch
+
+    from rayalign.clair.verifier import is_correct
+    from rayalign.train.data import encode_prompt
+
+    with torch.no_grad():
+        ids = torch.tensor([encode_prompt(tokenizer, row["prompt"]) for row in rows])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    answers = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return sum(is_correct(a, row["reference"]) for a, row in zip(answers, rows)) / len(rows)
 
 
 def greedy_accuracy(model_dir: str | Path, rows: list[dict]) -> float:
@@ -77,16 +123,5 @@ def greedy_accuracy(model_dir: str | Path, rows: list[dict]) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rayalign.clair.verifier import is_correct
-    from rayalign.train.data import encode_prompt
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    correct = 0
-    with torch.no_grad():
-        for row in rows:
-            ids = torch.tensor([encode_prompt(tokenizer, row["prompt"])])
-            out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-            correct += is_correct(answer, row["reference"])
-    return correct / len(rows)
+    return _accuracy(model, AutoTokenizer.from_pretrained(model_dir), rows)

@@ -68,8 +68,8 @@ def test_config_command_prints_resolved_values_and_names_bad_keys(capsys):
 
 
 def test_stages_not_built_say_so(capsys):
-    assert main(["pipeline"]) == 2
-    assert "rayalign pipeline (run clair, reference, train, serve and eval in order) is not built yet." in \
+    assert main(["serve"]) == 2
+    assert "rayalign serve (serve checkpoints on Ray Serve behind an OpenAI-compatible API) is not built yet." in \
         capsys.readouterr().err
 
 

@@ -33,21 +33,13 @@ TIMINGS = ("tokens/s", "pairs/s", "elapsed_s")
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
+def ray_cluster(ray_session):
     # Ray Train's controller collects each report at this interval (2 s by default), which
     # would dominate steps of a tiny model; it also detects a dead worker sooner.
     # The driver passes it on to the controller when a trainer starts, so it may be set late.
     previous = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    # A session-wide Ray started by an earlier module is shared, and left to its owner.
-    owned = not ray.is_initialized()
-    if owned:
-        ray.init(num_cpus=4, num_gpus=0, include_dashboard=False)
-    yield ray
-    if owned:
-        ray.shutdown()
+    yield ray_session
     if previous is None:
         os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
     else:

@@ -102,7 +102,9 @@ def train_loop_per_worker(config: dict) -> None:
                 save_state(engine, Path(directory), rank, state if rank == 0 else None)
                 ray.train.report(_reportable(metrics), checkpoint=ray.train.Checkpoint.from_directory(directory),
                                  checkpoint_dir_name=f"step-{step + 1:06d}")
-        else:
+        elif (step + 1) % train.report_every == 0:
+            # Each report waits for the Train controller's next poll (about 2 s by default), so
+            # short steps report every few steps; rank 0 logs every step to its files anyway.
             ray.train.report(_reportable(metrics))
 
     # The final report carries the model in Hugging Face format and the whole history.

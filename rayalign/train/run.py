@@ -25,7 +25,7 @@ from pathlib import Path
 from rayalign.config import ConfigError, RunConfig
 
 # TrainConfig keys that do not change the trajectory, so they do not change the run name.
-_NOT_IN_RUN_ID = ("output", "storage_path", "max_failures", "keep_checkpoints", "checkpoint_every")
+_NOT_IN_RUN_ID = ("output", "storage_path", "max_failures", "keep_checkpoints", "checkpoint_every", "report_every")
 
 
 class TrainError(RuntimeError):

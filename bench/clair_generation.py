@@ -1,0 +1,191 @@
+"""Benchmark: the CLAIR generation stage against the raw vLLM engine and transformers `generate`.
+
+Same model (the `bench` preset, ~25M parameters), same prompts (chat template applied), same
+sampling settings, in one run:
+
+1. rayalign: the generation stage of `rayalign clair` (ray.data.llm on Ray Data), steady-state
+   generated tokens/s measured between the first and the last finished batch (engine start-up
+   excluded), and the peak memory of the whole process tree at N and 10N prompts.
+2. vLLM: `LLM.generate` on the same prompts after a warm-up call.
+3. transformers: batched `model.generate` on a subset.
+
+Usage: python bench/clair_generation.py [--prompts 256] [--max-tokens 64] [--out bench/results]
+Writes bench/results/clair_generation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+DTYPE = "bfloat16"
+
+
+def tree_rss() -> int:
+    """Resident memory of this process and all its descendants (Ray workers, engines)."""
+    me = psutil.Process()
+    total = 0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def ray_rss() -> int:
+    """Resident memory of every Ray and vLLM process on the machine plus this one."""
+    total = psutil.Process().memory_info().rss
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if proc.pid != os.getpid() and ("ray::" in cmd or "VLLM" in cmd or "raylet" in cmd or "gcs_server" in cmd
+                                        or (proc.info["name"] or "").startswith(("ray::", "VLLM"))):
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                continue
+    return total
+
+
+class PeakSampler:
+    def __init__(self, measure, every_s: float = 0.2):
+        self.measure, self.every_s, self.peak, self.running = measure, every_s, 0, True
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+
+    def loop(self):
+        while self.running:
+            self.peak = max(self.peak, self.measure())
+            time.sleep(self.every_s)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def make_prompts(n: int, seed: int = 0) -> list[dict]:
+    from rayalign.models import builtin_corpus
+
+    lines = builtin_corpus(seed=seed, sentences=n)
+    rng = random.Random(seed)
+    return [{"id": f"b{i}", "prompt": f"Continue the story: {line} {rng.choice(lines)}"} for i, line in enumerate(lines)]
+
+
+def bench_rayalign(model: str, prompts: list[dict], max_tokens: int) -> dict:
+    import ray
+
+    from rayalign.clair.outcomes import make_units
+    from rayalign.clair.stages import target_request
+    from rayalign.config import EngineConfig, SamplingConfig
+    from rayalign.llm import chat_stage
+
+    engine = EngineConfig(dtype=DTYPE, max_model_len=512, gpu_memory_utilization=0.2, batch_size=64)
+    sampling = SamplingConfig(temperature=0.7, max_tokens=max_tokens)
+    generate = chat_stage(model, engine, target_request(sampling), "answer", eos_token_id=2)
+    ds = generate(ray.data.from_items(make_units(prompts, 1, 0)))
+    ds = ds.map(lambda row: {"tokens": row["answer_tokens"], "done": time.time()})
+    started = time.time()
+    with PeakSampler(ray_rss) as sampler:
+        rows = ds.take_all()
+    finished = sorted(rows, key=lambda r: r["done"])
+    # Steady state: from the first finished batch to the last, excluding start-up.
+    first = finished[0]["done"]
+    later = [r for r in finished if r["done"] > first + 1e-3]
+    steady_tokens = sum(r["tokens"] for r in later)
+    span = finished[-1]["done"] - first
+    return {"prompts": len(prompts), "generated_tokens": sum(r["tokens"] for r in rows),
+            "wall_s": round(time.time() - started, 2), "steady_span_s": round(span, 2),
+            "steady_tokens_per_s": round(steady_tokens / span, 1) if span > 0 else None,
+            "peak_rss_gb": round(sampler.peak / 1024**3, 2)}
+
+
+def bench_vllm(model: str, prompts: list[dict], max_tokens: int) -> dict:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model, dtype=DTYPE, max_model_len=512, gpu_memory_utilization=0.2, enable_chunked_prefill=False,
+              max_num_batched_tokens=2048)
+    conversations = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
+    params = SamplingParams(temperature=0.7, max_tokens=max_tokens)
+    llm.chat(conversations[:16], params, use_tqdm=False)  # warm-up
+    started = time.perf_counter()
+    outputs = llm.chat(conversations, params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"prompts": len(prompts), "generated_tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def bench_transformers(model: str, prompts: list[dict], max_tokens: int, batch: int = 32) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.padding_side = "left"
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    tokens, seconds = 0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(texts), batch):
+            enc = tokenizer(texts[start:start + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            t0 = time.perf_counter()
+            out = hf.generate(**enc, max_new_tokens=max_tokens, do_sample=True, temperature=0.7,
+                              pad_token_id=tokenizer.pad_token_id)
+            seconds += time.perf_counter() - t0
+            new = out[:, enc.input_ids.shape[1]:]
+            tokens += int((new != tokenizer.pad_token_id).sum())
+    return {"prompts": len(prompts), "generated_tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--hf-prompts", type=int, default=64)
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+
+    import ray
+
+    from rayalign.models import init_model
+
+    model_dir = Path(args.out) / "models" / "bench"
+    if not (model_dir / "config.json").exists():
+        init_model(model_dir, "bench")
+    model = str(model_dir.resolve())
+    prompts = make_prompts(args.prompts)
+    results = {"model": "bench preset (25M parameters)", "dtype": DTYPE, "max_tokens": args.max_tokens,
+               "cpu_count": os.cpu_count()}
+    results["vllm_raw"] = bench_vllm(model, prompts, args.max_tokens)
+    ray.init(num_cpus=8, include_dashboard=False)
+    results["rayalign_N"] = bench_rayalign(model, prompts, args.max_tokens)
+    results["rayalign_10N"] = bench_rayalign(model, make_prompts(10 * args.prompts, seed=1), args.max_tokens)
+    ray.shutdown()
+    results["transformers"] = bench_transformers(model, prompts[:args.hf_prompts], args.max_tokens)
+    results["ratios"] = {
+        "rayalign_vs_vllm": round(results["rayalign_10N"]["steady_tokens_per_s"]
+                                  / results["vllm_raw"]["tokens_per_s"], 3),
+        "rayalign_vs_transformers": round(results["rayalign_10N"]["steady_tokens_per_s"]
+                                          / results["transformers"]["tokens_per_s"], 2),
+        "peak_memory_10N_over_N": round(results["rayalign_10N"]["peak_rss_gb"]
+                                        / results["rayalign_N"]["peak_rss_gb"], 3),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "clair_generation.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

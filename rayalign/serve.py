@@ -1,0 +1,325 @@
+"""Every touch of `ray.serve.llm` lives here: its API moves between Ray releases.
+
+`serve_models` deploys one or more checkpoints side by side, each under its own model name,
+as one Serve application built by `ray.serve.llm:build_openai_app`: vLLM engines behind an
+OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, streaming), with
+Serve's health route /-/healthz. The same application arguments are written as a Serve config
+file (`serve deploy FILE`, or the `serveConfigV2` of a KubeRay RayService), so a cluster runs
+exactly what was tested locally.
+
+With `serve.api_key_env` set, the ingress is `KeyedIngress`: ray.serve.llm's own ingress with
+a check in front of every route that answers 401 unless the request carries
+`Authorization: Bearer <key>`. Each ingress replica reads the key from its own environment,
+so the key never appears in a config, a file or a log: only the variable's name does.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+import os
+import re
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from rayalign.config import RunConfig, ServeConfig
+from rayalign.llm import engine_kwargs, placement
+
+BUILDER = "ray.serve.llm:build_openai_app"
+KEYED_INGRESS = "rayalign.serve:KeyedIngress"
+
+
+class ServeError(RuntimeError):
+    """A deployment problem a user can fix; the message says what to do."""
+
+
+# ---- what to deploy --------------------------------------------------------------------------
+
+def parse_models(specs: list[str]) -> dict[str, str]:
+    """`["base=DIR", "aligned=DIR"]` (the CLI's --model flags) -> {"base": DIR, "aligned": DIR}."""
+    models: dict[str, str] = {}
+    for spec in specs:
+        name, sep, source = spec.partition("=")
+        name, source = name.strip(), source.strip()
+        if not sep or not name or not source:
+            raise ServeError(f"--model {spec!r}: expected NAME=DIR, e.g. aligned=runs/x/train/final")
+        if name in models:
+            raise ServeError(f"--model {spec!r}: the name {name!r} is given twice")
+        models[name] = source
+    return models
+
+
+def resolve_source(name: str, source: str) -> str:
+    """A local checkpoint as an absolute path (replicas run elsewhere), or a hub/cloud name as is."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ServeError(f"serve.models.{name}: a model name may hold only letters, digits, '.', '_' and '-'")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ServeError(f"serve.models.{name}: {source} has no config.json; is it a Hugging Face checkpoint?")
+        return str(path.resolve())
+    if "://" in source or re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return source
+    raise ServeError(f"serve.models.{name}: {source} is neither a checkpoint directory nor a hub name")
+
+
+def app_args(serve: ServeConfig, models: dict[str, str]) -> dict:
+    """The arguments of `build_openai_app` as plain data: what is deployed and what is written."""
+    if not models:
+        raise ServeError("no model to serve: give --model NAME=DIR or set serve.models")
+    llm_configs = [{
+        "model_loading_config": {"model_id": name, "model_source": resolve_source(name, source)},
+        "engine_kwargs": {**engine_kwargs(serve.engine), **serve.engine_args},
+        # On CPU the engine takes a CPU bundle; without one it waits for a GPU forever.
+        "placement_group_config": placement(serve.engine),
+        "deployment_config": {
+            "autoscaling_config": {"min_replicas": serve.min_replicas, "max_replicas": serve.max_replicas,
+                                   "initial_replicas": max(1, serve.min_replicas)},
+            "ray_actor_options": {"num_cpus": serve.replica_cpus},
+        },
+    } for name, source in models.items()]
+    args = {"llm_configs": llm_configs,
+            "ingress_deployment_config": {"ray_actor_options": {"num_cpus": serve.ingress_cpus}}}
+    if serve.api_key_env:
+        args["ingress_cls_config"] = {"ingress_cls": KEYED_INGRESS,
+                                      "ingress_extra_kwargs": {"api_key_env": serve.api_key_env}}
+    return args
+
+
+def deploy_file(serve: ServeConfig, args: dict) -> dict:
+    """A Serve config (ServeDeploySchema) holding the application."""
+    return {
+        # A cluster's proxy must listen beyond loopback to be reachable.
+        "http_options": {"host": "0.0.0.0", "port": serve.port},
+        "applications": [{"name": serve.app_name, "route_prefix": "/", "import_path": BUILDER, "args": args}],
+    }
+
+
+def write_deploy_file(path: Path, serve: ServeConfig, args: dict) -> Path:
+    notes = [
+        "Ray Serve config for `serve deploy THIS_FILE` (or the serveConfigV2 of a KubeRay RayService).",
+        "Written by `rayalign serve`; it deploys what that command deployed.",
+        "model_source paths must be readable on the cluster's nodes (shared storage, or use a hub/s3 name).",
+    ]
+    if serve.api_key_env:
+        notes += [f"The ingress needs rayalign importable on the cluster (e.g. runtime_env pip) and the API key",
+                  f"in the environment variable {serve.api_key_env} of every node (e.g. from a Kubernetes secret)."]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"# {line}\n" for line in notes) + yaml.safe_dump(deploy_file(serve, args), sort_keys=False)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def output_dir(config: RunConfig) -> Path:
+    return Path(config.serve.output or Path(config.run_dir) / "serve")
+
+
+def base_url(serve: ServeConfig) -> str:
+    return f"http://{serve.host}:{serve.port}"
+
+
+# ---- deploying, status, shutdown ---------------------------------------------------------------
+
+def serve_models(config: RunConfig, models: dict[str, str], detach: bool) -> dict:
+    """Deploy `models` (name -> checkpoint; default serve.models) and return where they are served.
+
+    With `detach` the application keeps running on the Ray cluster after this process exits,
+    which needs a cluster that outlives it; without, this serves until Ctrl-C and then removes
+    the application."""
+    serve_cfg = config.serve
+    models = models or serve_cfg.models
+    address = config.cluster.address or os.environ.get("RAY_ADDRESS")
+    if detach and not address:
+        raise ServeError("--detach needs a Ray cluster that outlives this process: start one with "
+                         "`ray start --head --num-cpus 8` and set cluster.address=auto (or RAY_ADDRESS=auto)")
+    key = _driver_key(serve_cfg)
+    args = app_args(serve_cfg, models)
+    path = write_deploy_file(output_dir(config) / "serve_config.yaml", serve_cfg, args)
+
+    from ray import serve
+    from ray.serve.llm import build_openai_app
+
+    from rayalign.cluster import connect
+
+    ray = connect(config.cluster)
+    started = time.perf_counter()
+    serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
+    _run_with_timeout(serve, build_openai_app(args), serve_cfg)
+    url = base_url(serve_cfg)
+    served = _listed_models(url, key, serve_cfg.ready_timeout_s)
+    if sorted(served) != sorted(models):
+        serve.delete(serve_cfg.app_name)
+        raise ServeError(f"{url}/v1/models lists {served}, not {sorted(models)}: Serve may already run on this "
+                         f"cluster with other http options (serve.port); run `rayalign serve shutdown` first")
+    info = {"app": serve_cfg.app_name, "url": url, "base_url": url + "/v1", "models": dict(models),
+            "config_file": str(path), "detached": detach, "api_key_env": serve_cfg.api_key_env,
+            "seconds_to_ready": round(time.perf_counter() - started, 1)}
+    if detach:
+        return info
+    print(f"serving {', '.join(models)} at {info['base_url']} (Ctrl-C to stop)", flush=True)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on `kill` as on Ctrl-C
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(serve_cfg.app_name)
+        if not address:
+            ray.shutdown()
+    return info
+
+
+def serve_status(config: RunConfig) -> dict:
+    """The application's status on the cluster, per deployment with replica counts."""
+    serve = _connect_existing(config, "status")
+    app = serve.status().applications.get(config.serve.app_name)
+    if app is None:
+        return {"app": config.serve.app_name, "status": "NOT_RUNNING", "deployments": {}}
+    deployments = {name: {"status": _name(d.status), "message": d.message,
+                          "replicas": {_name(state): n for state, n in d.replica_states.items()}}
+                   for name, d in app.deployments.items()}
+    return {"app": config.serve.app_name, "status": _name(app.status), "message": app.message,
+            "url": base_url(config.serve), "deployments": deployments}
+
+
+def serve_shutdown(config: RunConfig) -> None:
+    """Remove the application; stop Serve too when no other application is left on it."""
+    serve = _connect_existing(config, "shutdown")
+    if config.serve.app_name in serve.status().applications:
+        serve.delete(config.serve.app_name)
+    if not serve.status().applications:
+        serve.shutdown()
+
+
+def _name(value) -> str:
+    return str(getattr(value, "value", value))
+
+
+def _connect_existing(config: RunConfig, what: str):
+    if not (config.cluster.address or os.environ.get("RAY_ADDRESS")):
+        raise ServeError(f"serve {what} needs the Ray cluster the app runs on: set cluster.address "
+                         f"(e.g. cluster.address=auto) or RAY_ADDRESS")
+    from ray import serve
+
+    from rayalign.cluster import connect
+
+    connect(config.cluster)
+    return serve
+
+
+def _driver_key(serve_cfg: ServeConfig) -> str | None:
+    if serve_cfg.api_key_env is None:
+        return None
+    key = os.environ.get(serve_cfg.api_key_env)
+    if not key:
+        raise ServeError(f"serve.api_key_env: the environment variable {serve_cfg.api_key_env} is not set; "
+                         f"export it (and on every node of a cluster) before serving")
+    return key
+
+
+def _run_with_timeout(serve, app, serve_cfg: ServeConfig) -> None:
+    """serve.run returns only once the application runs, and never when resources are short."""
+    failure: list[BaseException] = []
+
+    def run():
+        try:
+            serve.run(app, name=serve_cfg.app_name, route_prefix="/", blocking=False)
+        except BaseException as exc:  # reported in the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(serve_cfg.ready_timeout_s)
+    if failure or thread.is_alive():
+        problem = _problems(serve, serve_cfg.app_name) or (str(failure[0]).strip().splitlines() or ["?"])[-1]
+        serve.delete(serve_cfg.app_name)
+        waited = f"did not start in serve.ready_timeout_s={serve_cfg.ready_timeout_s:g} s" if not failure \
+            else "failed to deploy"
+        raise ServeError(f"the Serve application {serve_cfg.app_name!r} {waited}: {problem}")
+
+
+def _problems(serve, app_name: str) -> str:
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return ""
+    messages = [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
+    return "; ".join(messages) or app.message
+
+
+def _listed_models(url: str, key: str | None, timeout_s: float) -> list[str]:
+    request = urllib.request.Request(url + "/v1/models", headers={"Authorization": f"Bearer {key or 'EMPTY'}"})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return [m["id"] for m in json.load(response)["data"]]
+        except (OSError, ValueError, KeyError) as exc:
+            if time.monotonic() > deadline:
+                raise ServeError(f"{url}/v1/models did not answer ({exc})") from None
+            time.sleep(1)
+
+
+# ---- the keyed ingress -----------------------------------------------------------------------
+
+class BearerKey:
+    """ASGI middleware: 401 unless `Authorization: Bearer <key>`; the key is never echoed."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not self._authorized(scope):
+            body = json.dumps({"error": {
+                "message": "Missing or wrong API key: send it as the header 'Authorization: Bearer <key>'.",
+                "type": "authentication_error", "code": "invalid_api_key"}}).encode()
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, given = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.key)
+
+
+@functools.cache
+def _keyed_ingress():
+    from ray.serve.llm.ingress import OpenAiIngress
+
+    class KeyedIngress(OpenAiIngress):
+        """ray.serve.llm's OpenAI ingress with BearerKey in front of all of its routes."""
+
+        def __init__(self, *args, api_key_env: str, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._api_key = os.environ.get(api_key_env)
+            if not self._api_key:
+                raise RuntimeError(f"the environment variable {api_key_env} (serve.api_key_env) is not set "
+                                   f"on this Serve node; set it where Ray runs (ray start, pod env)")
+
+        def __serve_build_asgi_app__(self):
+            # Called by the replica after __init__, before the app serves its first request:
+            # the last moment middleware can still be added to the FastAPI app.
+            self._asgi_app.add_middleware(BearerKey, key=self._api_key)
+            return self._asgi_app
+
+    KeyedIngress.__module__ = __name__
+    return KeyedIngress
+
+
+def __getattr__(name: str):
+    # Serve imports the ingress by path (KEYED_INGRESS); building it imports vLLM (~10 s),
+    # so `rayalign serve status` and `import rayalign.serve` stay fast.
+    if name == "KeyedIngress":
+        return _keyed_ingress()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,38 @@
+"""One Ray Serve deployment for the whole session, shared by test_serve.py and test_eval.py:
+two checkpoints side by side (`base`: the random tiny model, `aligned`: the student), behind the
+API key in RAYALIGN_TEST_KEY. Each engine start costs 30-70 s here, so it is started once.
+
+Test modules load it with `pytest_plugins = ["tests.serve_fixtures"]`: a session fixture
+imported into two modules would be two fixtures, and the deployment would start twice.
+"""
+
+import pytest
+import yaml
+
+from tests.conftest import SERVER_KEY, free_port
+
+KEY_ENV = "RAYALIGN_TEST_KEY"
+ENGINE = {"dtype": "float32", "max_model_len": 1024, "gpu_memory_utilization": 0.1}
+
+
+@pytest.fixture(scope="session")
+def served(tiny_model, student, ray_session, tmp_path_factory):
+    from rayalign.config import load_config
+    from rayalign.serve import serve_models, serve_shutdown
+
+    run = tmp_path_factory.mktemp("serve_run")
+    port = free_port()
+    raw = {"run_dir": str(run),
+           "cluster": {"address": ray_session.get_runtime_context().gcs_address},
+           # A name of its own, so that no other session's Serve app on this machine is touched.
+           "serve": {"port": port, "api_key_env": KEY_ENV, "app_name": f"rayalign-test-{port}",
+                     "ready_timeout_s": 500, "engine": ENGINE,
+                     # No torch.compile warm-up: saves ~20 s per engine start here.
+                     "engine_args": {"enforce_eager": True}}}
+    path = run / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = load_config(path)
+    models = {"base": str(tiny_model), "aligned": str(student)}
+    info = serve_models(config, models, detach=True)
+    yield {**info, "config": config, "config_path": path, "key": SERVER_KEY, "sources": models}
+    serve_shutdown(config)
