@@ -9,10 +9,6 @@ from pathlib import Path
 
 from rayalign.config import ConfigError, dump_config, load_config
 
-STAGES_NOT_BUILT = {
-    "serve": "serve checkpoints on Ray Serve behind an OpenAI-compatible API",
-    "eval": "evaluate served models through the endpoint",
-}
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -77,6 +73,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rayalign.serve import parse_models, serve_models, serve_shutdown, serve_status
+
+    # `rayalign serve status|shutdown [overrides]`: the action arrives as the first positional word.
+    action = args.overrides[0] if args.overrides and args.overrides[0] in ("status", "shutdown") else None
+    config = load_config(args.config, args.overrides[1:] if action else args.overrides)
+    if action == "status":
+        print(json.dumps(serve_status(config), indent=2))
+    elif action == "shutdown":
+        serve_shutdown(config)
+        print(f"rayalign serve: application {config.serve.app_name!r} shut down")
+    else:
+        served = serve_models(config, parse_models(args.model) if args.model else {}, detach=args.detach)
+        print(f"rayalign serve: {', '.join(served['models'])} at {served['base_url']} "
+              f"(Serve config written to {served['config_file']})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rayalign.evaluate import output_dir, run_eval
+
+    config = load_config(args.config, args.overrides)
+    run_eval(config)
+    print((output_dir(config) / "results.md").read_text(), end="")
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from rayalign.pipeline import run_pipeline
 
@@ -89,15 +112,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rayalign.demo import run_demo
 
     return run_demo(args.run_dir)
-
-
-def _not_built(name: str):
-    def run(args: argparse.Namespace) -> int:
-        load_config(args.config, args.overrides)
-        print(f"rayalign {name} ({STAGES_NOT_BUILT[name]}) is not built yet.", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,10 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_pipeline)
 
-    for name, text in STAGES_NOT_BUILT.items():
-        p = sub.add_parser(name, help=f"{text} (not built yet)")
-        _add_config_args(p)
-        p.set_defaults(func=_not_built(name))
+    p = sub.add_parser("serve", help="serve checkpoints on Ray Serve behind an OpenAI-compatible API "
+                                     "(`serve status` and `serve shutdown` manage a detached deployment)")
+    _add_config_args(p)
+    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                   help="a checkpoint to serve under NAME (repeatable; default: serve.models)")
+    p.add_argument("--detach", action="store_true", help="return once serving and leave the deployment running")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("eval", help="evaluate served models through the endpoint with the openai client")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the embedded default: everything on CPU with tiny local models")
     p.add_argument("--run-dir", default="runs/demo")
@@ -167,16 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from rayalign.evaluate import EvalError
     from rayalign.records import DataError
+    from rayalign.serve import ServeError
     from rayalign.train.run import TrainError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, TrainError) as exc:
+    except (ConfigError, DataError, TrainError, ServeError, EvalError) as exc:
         print(f"rayalign {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
-        print(f"rayalign {args.command}: error: {Path(exc.filename or '?')}: not found", file=sys.stderr)
+        if exc.filename is None:
+            raise
+        print(f"rayalign {args.command}: error: {Path(exc.filename)}: not found", file=sys.stderr)
         return 2
 
 

@@ -61,6 +61,9 @@ class EngineConfig:
     batch_size: int = 64
     cpus_per_engine: float = 1.0
     gpus_per_engine: float = 0.0
+    # Custom resources each engine asks for (e.g. {rayalign_engine_node: 1} to pin engines to a
+    # node type of the cluster); CPU and GPU are set above.
+    resources: dict[str, float] = field(default_factory=dict)
     # Structured output (JSON schema) backend; guidance gave valid JSON every time on CPU here.
     structured_output_backend: Literal["auto", "guidance", "xgrammar", "outlines", "lm-format-enforcer"] = "guidance"
 
@@ -75,6 +78,9 @@ class EngineConfig:
             _check(getattr(self, name) >= 1, f"{key}.{name}", "must be at least 1")
         _check(self.cpus_per_engine >= 0, f"{key}.cpus_per_engine", "must not be negative")
         _check(self.gpus_per_engine >= 0, f"{key}.gpus_per_engine", "must not be negative")
+        for name, amount in self.resources.items():
+            _check(name not in ("CPU", "GPU"), f"{key}.resources.{name}", "use cpus_per_engine or gpus_per_engine")
+            _check(amount >= 0, f"{key}.resources.{name}", "must not be negative")
 
 
 @dataclass
@@ -235,6 +241,8 @@ class TrainConfig:
     batch_size: int = 64
     micro_batch_size: int = 8
     num_workers: int = 2
+    # How Ray places the workers: PACK (default), STRICT_PACK (one node, e.g. one 8-GPU box), SPREAD.
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     zero_stage: int = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     max_length: int = 1024

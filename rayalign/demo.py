@@ -92,7 +92,7 @@ def run_demo(run_dir: str | Path) -> int:
 
 def _accuracy_rows(evaluation: dict) -> list[tuple[str, float, float, float, int]]:
     rows = []
-    for name, result in evaluation["models"].items():
+    for name, result in evaluation["results"].items():
         low, high = result["ci95"]
         rows.append((name, result["accuracy"], low, high, result["scored"]))
     return rows
@@ -124,7 +124,7 @@ def write_report(run: Path, manifest: dict, student: dict) -> dict:
     lines += [f"| {stage} | {facts['seconds']:.1f} |" for stage, facts in manifest["stages"].items()]
     table = "\n".join(lines)
     plots = {"training curves": run / "train" / "curves.png", "contrast distribution": run / "clair" / "contrast.png",
-             "accuracy": Path(evaluation.get("chart", run / "eval" / "accuracy.png"))}
+             "accuracy": run / "eval" / "results.png"}
     body = ["# rayalign demo", "", table, ""]
     body += [f"## {title}\n\n![{title}]({path.relative_to(run) if path.is_relative_to(run) else path})\n"
              for title, path in plots.items() if path.exists()]

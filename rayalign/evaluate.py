@@ -21,9 +21,8 @@ Kinds (`eval.kind`):
 
 Transient endpoint errors are retried with backoff (`clair.endpoint.Endpoint`); an example that
 still fails is recorded as failed: neither right nor wrong, and never dropped. Accuracy and win
-rate come with a Wilson 95% interval. Outputs under `eval.output` (default <run_dir>/eval):
-results.json, results.md (a table), results.png (a bar chart) and examples.jsonl (every
-example with its response, for inspection and re-scoring).
+rate come with a Wilson 95% interval. Under `eval.output` (default <run_dir>/eval): results.json,
+results.md, results.png and examples.jsonl (every example with its response, for re-scoring).
 """
 
 from __future__ import annotations
@@ -36,9 +35,9 @@ import time
 from pathlib import Path
 
 from rayalign import records
-from rayalign.clair.endpoint import Endpoint, RequestFailed
-from rayalign.clair.revision import VERDICT_SCHEMA, Unparsable, bounded, judge_request, parse_verdict, \
-    swap_consistent
+from rayalign.clair.endpoint import Endpoint, RequestFailed, api_key
+from rayalign.clair.revision import (VERDICT_SCHEMA, Unparsable, bounded, judge_request, parse_verdict,
+                                     swap_consistent)
 from rayalign.clair.verifier import is_correct, normalize
 from rayalign.config import ConfigError, RunConfig
 from rayalign.records import DataError
@@ -110,14 +109,10 @@ def choice_item(obj: dict, fallback_id: str) -> dict:
     if obj.get("context"):
         question = f"{obj['context']}\n\n{question}"
     options = obj.get("choices") or obj.get("options") or None
-    if "answer" in obj:
-        targets = [obj["answer"]]
-    elif "target" in obj:
-        targets = obj["target"] if isinstance(obj["target"], list) else [obj["target"]]
-    else:
-        raise records.BadRow("needs answer (MMLU style) or target (MixEval style)")
+    raw = obj["answer"] if "answer" in obj else obj.get("target")
+    targets = raw if isinstance(raw, list) else [] if raw is None else [raw]
     if not targets:
-        raise records.BadRow("has no target answer")
+        raise records.BadRow("needs answer (MMLU style) or target (MixEval style)")
     item = {"id": str(obj.get("id", fallback_id)), "question": question, "options": None, "answers": None,
             "targets": [str(t) for t in targets]}
     if options is None:
@@ -159,9 +154,10 @@ def load_choice(path: str) -> list[dict]:
             items.append(choice_item(value, fallback_id))
         except records.BadRow as exc:
             problems.append(f"{where}: {exc}")
-    if problems or not items:
-        raise DataError("\n".join([f"{len(problems)} bad item(s) in {path}", *problems] if problems
-                                  else [f"{path} holds no items"]))
+    if problems:
+        raise DataError("\n".join([f"{len(problems)} bad item(s) in {path}", *problems]))
+    if not items:
+        raise DataError(f"{path} holds no items")
     return items
 
 
@@ -185,7 +181,8 @@ def parse_choice(text: str, options: list[str]) -> int | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def parse_grade(text: str, structured: bool) -> bool:
+def parse_grade(text: str, structured: bool) -> bool | None:
+    """True for correct, False for incorrect, None when the grade holds neither."""
     if structured:
         try:
             verdict = json.loads(text).get("verdict")
@@ -194,9 +191,7 @@ def parse_grade(text: str, structured: bool) -> bool:
     else:
         found = re.findall(r"<verdict>\s*(.*?)\s*</verdict>", text, flags=re.DOTALL | re.IGNORECASE)
         verdict = found[-1].strip().strip(".").lower() if found else None
-    if verdict not in ("correct", "incorrect"):
-        raise Unparsable("no correct/incorrect verdict")
-    return verdict == "correct"
+    return {"correct": True, "incorrect": False}.get(verdict)
 
 
 def judge_outcome(first: str, second: str, structured: bool) -> str:
@@ -220,8 +215,6 @@ class Asker:
     def models(self) -> list[str]:
         from openai import OpenAI, OpenAIError
 
-        from rayalign.clair.endpoint import api_key
-
         try:
             client = OpenAI(base_url=self.base_url, api_key=api_key(self.key_env), max_retries=self.ev.max_retries,
                             timeout=self.ev.timeout_s)
@@ -230,22 +223,23 @@ class Asker:
             raise EvalError(f"cannot list the models at {self.base_url} ({exc.__class__.__name__}: "
                             f"{str(exc)[:200]}); is the endpoint (`rayalign serve`) running?") from None
 
-    def ask(self, model: str, requests: list[dict], desc: str) -> list:
-        """One Reply, or the RequestFailed reason as a string, per request, in order."""
+    def ask(self, model: str, requests: list[dict], desc: str) -> list[dict]:
+        """Per request, in order: {response, finish_reason, failed, error}."""
         return asyncio.run(self._ask(model, requests, desc))
 
-    async def _ask(self, model: str, requests: list[dict], desc: str) -> list:
+    async def _ask(self, model: str, requests: list[dict], desc: str) -> list[dict]:
         from tqdm import tqdm
 
         endpoint = Endpoint(self.base_url, model, self.key_env, max_concurrency=self.ev.concurrency,
                             max_retries=self.ev.max_retries, timeout_s=self.ev.timeout_s)
         bar = tqdm(total=len(requests), desc=desc, unit="req")
 
-        async def one(request: dict):
+        async def one(request: dict) -> dict:
             try:
-                return await endpoint.chat(**request)
+                reply = await endpoint.chat(**request)
+                return {"response": reply.text, "finish_reason": reply.finish_reason, "failed": False, "error": None}
             except RequestFailed as exc:
-                return str(exc)
+                return {"response": None, "finish_reason": None, "failed": True, "error": str(exc)}
             finally:
                 bar.update()
 
@@ -259,12 +253,6 @@ class Asker:
 
 def _request(ev, messages: list[dict]) -> dict:
     return {"messages": messages, "temperature": ev.temperature, "max_tokens": ev.max_tokens}
-
-
-def _answer(reply) -> dict:
-    if isinstance(reply, str):
-        return {"response": None, "finish_reason": None, "failed": True, "error": reply}
-    return {"response": reply.text, "finish_reason": reply.finish_reason, "failed": False, "error": None}
 
 
 def _judge_request(ev, text: str, schema: dict) -> dict:
@@ -282,11 +270,10 @@ def eval_exact(config: RunConfig, asker: Asker, judge: Asker | None, models: lis
         raise DataError(f"{ev.data}: kind 'exact' needs a reference answer in every row; missing in {missing[:5]}")
     examples, results = [], {}
     for model in models:
-        replies = asker.ask(model, [_request(ev, records.prompt_messages(r)) for r in rows], f"eval {model}")
-        mine = [{"model": model, "id": r["id"], "prompt": r["prompt"], "reference": r["reference"], **_answer(reply)}
-                for r, reply in zip(rows, replies)]
-        for e in mine:
-            e["correct"] = None if e["failed"] else is_correct(e["response"], e["reference"], ev.answer_pattern)
+        answers = asker.ask(model, [_request(ev, records.prompt_messages(r)) for r in rows], f"eval {model}")
+        mine = [{"model": model, "id": r["id"], "prompt": r["prompt"], "reference": r["reference"], **a,
+                 "correct": None if a["failed"] else is_correct(a["response"], r["reference"], ev.answer_pattern)}
+                for r, a in zip(rows, answers)]
         examples += mine
         results[model] = accuracy(mine)
     return results, examples
@@ -297,10 +284,8 @@ def eval_choice(config: RunConfig, asker: Asker, judge: Asker | None, models: li
     items = load_choice(ev.data)[:ev.limit]
     examples, results = [], {}
     for model in models:
-        prompts = [[{"role": "user", "content": choice_prompt(i)}] for i in items]
-        replies = asker.ask(model, [_request(ev, p) for p in prompts], f"eval {model}")
-        mine = [{"model": model, **item, **_answer(reply)} for item, reply in zip(items, replies)]
-        graded = []
+        requests = [_request(ev, [{"role": "user", "content": choice_prompt(i)}]) for i in items]
+        mine = [{"model": model, **i, **a} for i, a in zip(items, asker.ask(model, requests, f"eval {model}"))]
         for e in mine:
             if e["failed"]:
                 e["correct"] = None
@@ -309,21 +294,16 @@ def eval_choice(config: RunConfig, asker: Asker, judge: Asker | None, models: li
                 e["correct"] = e["choice"] in e["answers"]
             elif judge is None:
                 e["correct"] = normalize(e["response"]) in {normalize(t) for t in e["targets"]}
-            else:
-                graded.append(e)
-        if graded:
-            texts = [GRADE_TEMPLATE.format(question=e["question"], targets="\n".join(e["targets"]),
-                                           response=e["response"]) for e in graded]
-            grades = judge.ask(ev.judge_model, [_judge_request(ev, t, GRADE_SCHEMA) for t in texts], f"grade {model}")
-            for e, grade in zip(graded, grades):
-                e["grade"] = grade if isinstance(grade, str) else grade.text
-                try:
-                    e["correct"] = None if isinstance(grade, str) else parse_grade(grade.text, ev.judge_structured)
-                except Unparsable:
-                    e["correct"] = None
-                # An ungradable answer cannot be scored: failed, not wrong.
-                e["failed"] = e["correct"] is None
-                e["error"] = e["error"] or (None if e["correct"] is not None else "the judge's grade is unusable")
+        graded = [e for e in mine if "correct" not in e]
+        texts = [GRADE_TEMPLATE.format(question=e["question"], targets="\n".join(e["targets"]), response=e["response"])
+                 for e in graded]
+        grades = judge.ask(ev.judge_model, [_judge_request(ev, t, GRADE_SCHEMA) for t in texts],
+                           f"grade {model}") if graded else []
+        for e, grade in zip(graded, grades):
+            e["grade"] = grade["response"]
+            e["correct"] = None if grade["failed"] else parse_grade(grade["response"], ev.judge_structured)
+            if e["correct"] is None:  # an answer the judge could not grade is not scored: failed, not wrong
+                e["failed"], e["error"] = True, grade["error"] or "the judge's grade is unusable"
         examples += mine
         results[model] = {**accuracy(mine), "unparsed": sum(1 for e in mine if e.get("choice", 0) is None)}
     return results, examples
@@ -333,24 +313,20 @@ def eval_judge(config: RunConfig, asker: Asker, judge: Asker | None, models: lis
     ev = config.eval
     first, second = models
     rows = records.load_prompts(ev.data)[:ev.limit]
-    answers = {m: [_answer(r) for r in asker.ask(m, [_request(ev, records.prompt_messages(r)) for r in rows],
-                                                  f"answer {m}")] for m in models}
+    answers = [asker.ask(m, [_request(ev, records.prompt_messages(r)) for r in rows], f"answer {m}") for m in models]
     examples = [{"id": r["id"], "prompt": r["prompt"], "models": [first, second], "answers": [a, b],
                  "judgments": [], "outcome": "failed" if a["failed"] or b["failed"] else None,
-                 "error": a["error"] or b["error"]}
-                for r, a, b in zip(rows, answers[first], answers[second])]
+                 "error": a["error"] or b["error"]} for r, a, b in zip(rows, *answers)]
     pending = [e for e in examples if e["outcome"] is None]
     requests = []
-    for e in pending:
-        a, b = e["answers"][0]["response"], e["answers"][1]["response"]
-        for x, y in ((a, b), (b, a)):
-            requests.append(_judge_request(ev, judge_request(e["prompt"], x, y, structured=ev.judge_structured),
-                                           VERDICT_SCHEMA))
+    for e in pending:  # each pair in both orders: the first model's answer as A, then as B
+        a, b = (answer["response"] for answer in e["answers"])
+        requests += [_judge_request(ev, judge_request(e["prompt"], x, y, structured=ev.judge_structured),
+                                    VERDICT_SCHEMA) for x, y in ((a, b), (b, a))]
     verdicts = judge.ask(ev.judge_model, requests, f"judge {first} vs {second}")
-    for i, e in enumerate(pending):
-        pair = verdicts[2 * i:2 * i + 2]
-        e["judgments"] = [v if isinstance(v, str) else v.text for v in pair]
-        failed = [v for v in pair if isinstance(v, str)]
+    for e, pair in zip(pending, zip(verdicts[0::2], verdicts[1::2])):
+        e["judgments"] = [v["response"] for v in pair]
+        failed = [v["error"] for v in pair if v["failed"]]
         e["outcome"] = "failed" if failed else judge_outcome(*e["judgments"], ev.judge_structured)
         e["error"] = failed[0] if failed else None
     return {f"{first} vs {second}": tally_judgments(examples)}, examples
@@ -432,11 +408,9 @@ def plot(summary: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     names = list(summary["results"])
     if summary["kind"] == "judge":
-        r = summary["results"][names[0]]
-        parts = [("wins", "tab:green"), ("ties", "tab:gray"), ("losses", "tab:red"), ("unparsable", "tab:orange"),
-                 ("failed", "black")]
-        left = 0
-        for part, colour in parts:
+        r, left = summary["results"][names[0]], 0
+        for part, colour in zip(("wins", "ties", "losses", "unparsable", "failed"),
+                                ("tab:green", "tab:gray", "tab:red", "tab:orange", "black")):
             ax.barh([names[0]], [r[part]], left=left, color=colour, label=part)
             left += r[part]
         ax.set_xlabel("examples")

@@ -34,7 +34,7 @@ def engine_kwargs(engine: EngineConfig) -> dict:
 
 
 def placement(engine: EngineConfig) -> dict:
-    bundle = {"CPU": engine.cpus_per_engine}
+    bundle = {"CPU": engine.cpus_per_engine, **engine.resources}
     if engine.gpus_per_engine:
         bundle["GPU"] = engine.gpus_per_engine
     return {"bundles": [bundle] * engine.tensor_parallel_size}

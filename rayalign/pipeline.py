@@ -80,7 +80,10 @@ def run_pipeline(config: RunConfig) -> dict:
     from rayalign.clair.pipeline import run_clair
     from rayalign.train.run import run_reference, run_train
 
+    from rayalign.cluster import check_shared_paths
+
     check_pipeline(config)
+    check_shared_paths(config)
     manifest = Manifest(config)
     manifest.save()
     base = config.clair.target_model
@@ -130,11 +133,20 @@ def serve_and_evaluate(config: RunConfig) -> dict:
 
 
 def _guard_stage_config(out: Path, clair_config) -> None:
-    """Refuse to mix outputs of different CLAIR configs in one directory."""
+    """Refuse to mix pairs made by different CLAIR settings in one directory. Only what shapes
+    the pairs counts: throughput, budget and retry settings may change between runs."""
+    c = dataclasses.asdict(clair_config)
+    reviser = {k: v for k, v in c["reviser"].items()
+               if k not in ("max_concurrency", "requests_per_second", "max_retries", "timeout_s", "base_url",
+                            "api_key_env", "price_per_million_input_tokens", "price_per_million_output_tokens",
+                            "engine")}
+    shaping = {"prompts": c["prompts"], "mode": c["mode"], "target_model": c["target_model"],
+               "sampling": c["sampling"], "judge": c["judge"], "format": c["format"], "reviser": reviser,
+               "engine": {k: c["engine"][k] for k in ("dtype", "max_model_len")}}
     saved = out / "clair_config.json"
-    current = json.dumps(dataclasses.asdict(clair_config), sort_keys=True)
+    current = json.dumps(shaping, sort_keys=True)
     if saved.exists() and saved.read_text() != current:
-        raise ConfigError(f"clair: {out} holds pairs made with a different clair config; "
+        raise ConfigError(f"clair: {out} holds pairs made with different clair settings; "
                           f"use a new run_dir or remove {out}")
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(current)
@@ -143,7 +155,8 @@ def _guard_stage_config(out: Path, clair_config) -> None:
 def _timed(manifest: Manifest, stage: str, work):
     start = time.perf_counter()
     result = work()
-    facts = {k: v for k, v in result.items() if isinstance(v, (int, float, str))} if isinstance(result, dict) else {}
+    facts = ({k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k != "seconds"}
+             if isinstance(result, dict) else {})
     manifest.record(stage, time.perf_counter() - start, **facts)
     return result
 

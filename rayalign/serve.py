@@ -130,13 +130,16 @@ def base_url(serve: ServeConfig) -> str:
 def serve_models(config: RunConfig, models: dict[str, str], detach: bool) -> dict:
     """Deploy `models` (name -> checkpoint; default serve.models) and return where they are served.
 
-    With `detach` the application keeps running on the Ray cluster after this process exits,
-    which needs a cluster that outlives it; without, this serves until Ctrl-C and then removes
-    the application."""
+    With `detach` this returns once the models answer and the application keeps running: on
+    the cluster after this process exits, or, when this process already runs its own Ray (a
+    pipeline, a test), until that Ray stops. Without, this serves until Ctrl-C or SIGTERM and
+    then removes the application."""
+    import ray
+
     serve_cfg = config.serve
     models = models or serve_cfg.models
     address = config.cluster.address or os.environ.get("RAY_ADDRESS")
-    if detach and not address:
+    if detach and not address and not ray.is_initialized():
         raise ServeError("--detach needs a Ray cluster that outlives this process: start one with "
                          "`ray start --head --num-cpus 8` and set cluster.address=auto (or RAY_ADDRESS=auto)")
     key = _driver_key(serve_cfg)
@@ -148,7 +151,8 @@ def serve_models(config: RunConfig, models: dict[str, str], detach: bool) -> dic
 
     from rayalign.cluster import connect
 
-    ray = connect(config.cluster)
+    owns_ray = not address and not ray.is_initialized()
+    connect(config.cluster)
     started = time.perf_counter()
     serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
     _run_with_timeout(serve, build_openai_app(args), serve_cfg)
@@ -173,7 +177,7 @@ def serve_models(config: RunConfig, models: dict[str, str], detach: bool) -> dic
         pass
     finally:
         serve.delete(serve_cfg.app_name)
-        if not address:
+        if owns_ray:
             ray.shutdown()
     return info
 
@@ -205,10 +209,12 @@ def _name(value) -> str:
 
 
 def _connect_existing(config: RunConfig, what: str):
-    if not (config.cluster.address or os.environ.get("RAY_ADDRESS")):
+    import ray
+    from ray import serve
+
+    if not (config.cluster.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         raise ServeError(f"serve {what} needs the Ray cluster the app runs on: set cluster.address "
                          f"(e.g. cluster.address=auto) or RAY_ADDRESS")
-    from ray import serve
 
     from rayalign.cluster import connect
 

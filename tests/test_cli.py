@@ -67,10 +67,9 @@ def test_config_command_prints_resolved_values_and_names_bad_keys(capsys):
     assert "rayalign config: error: train.betta: unknown key" in capsys.readouterr().err
 
 
-def test_stages_not_built_say_so(capsys):
-    assert main(["serve"]) == 2
-    assert "rayalign serve (serve checkpoints on Ray Serve behind an OpenAI-compatible API) is not built yet." in \
-        capsys.readouterr().err
+def test_eval_without_data_names_the_key(capsys):
+    assert main(["eval"]) == 2
+    assert "rayalign eval: error: eval.data: is required for kind 'exact'" in capsys.readouterr().err
 
 
 def test_init_model_command(tmp_path, capsys):

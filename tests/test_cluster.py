@@ -118,6 +118,9 @@ def test_local_autoscaling_has_what_fake_multinode_needs():
     assert provider["use_node_id_as_ip"] and provider["disable_node_updaters"] and provider["disable_launch_config_check"]
     assert config["head_node_type"] == "ray.head.default"
     assert config["idle_timeout_minutes"] == 0.2
+    # Ray's config preparation cannot fill these in for fake_multinode; the monitor needs them.
+    assert {"file_mounts", "cluster_synced_files", "file_mounts_sync_continuously", "setup_commands",
+            "head_start_ray_commands", "worker_start_ray_commands"} <= set(config)
     engine = config["available_node_types"]["engine"]
     assert engine["resources"]["rayalign_engine_node"] == 1
     assert engine["resources"]["CPU"] > config["available_node_types"]["ray.head.default"]["resources"]["CPU"]
@@ -147,16 +150,14 @@ def test_runtime_env_is_valid_and_uploads_code_but_not_runs(tmp_path):
 
 
 def test_submit_adds_named_keys_from_the_shell_and_refuses_missing_ones():
-    import importlib.util
+    import runpy
 
-    spec = importlib.util.spec_from_file_location("submit", CLUSTER / "submit.py")
-    submit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(submit)
-    env = submit.runtime_env(".", ["OPENAI_API_KEY"], environ={"OPENAI_API_KEY": "from-the-shell", "OTHER": "x"})
+    runtime_env = runpy.run_path(str(CLUSTER / "submit.py"))["runtime_env"]
+    env = runtime_env(".", ["OPENAI_API_KEY"], environ={"OPENAI_API_KEY": "from-the-shell", "OTHER": "x"})
     base = load(CLUSTER / "runtime_env.yaml")
     assert env == {**base, "working_dir": ".", "env_vars": {**base["env_vars"], "OPENAI_API_KEY": "from-the-shell"}}
     with pytest.raises(SystemExit, match="RAYALIGN_SERVE_KEY not set in this shell"):
-        submit.runtime_env(".", ["RAYALIGN_SERVE_KEY"], environ={})
+        runtime_env(".", ["RAYALIGN_SERVE_KEY"], environ={})
 
 
 # ---- KubeRay -----------------------------------------------------------------------------------

@@ -114,3 +114,20 @@ def test_exponent_without_dot_is_a_number(tmp_path):
 def test_scalar_where_a_section_is_expected(tmp_path):
     with pytest.raises(ConfigError, match=r"^train\.beta\.x: beta is not a section$"):
         load_config(write(tmp_path, "train:\n  beta: 0.1\n"), ["train.beta.x=1"])
+
+
+def test_engine_resources_and_placement(monkeypatch):
+    from rayalign.cluster import check_shared_paths
+    from rayalign.llm import placement
+
+    config = load_config(None, ["clair.engine.resources={rayalign_engine_node: 1}", "clair.engine.cpus_per_engine=2",
+                                "train.placement_strategy=STRICT_PACK"])
+    assert placement(config.clair.engine) == {"bundles": [{"CPU": 2.0, "rayalign_engine_node": 1.0}]}
+    with pytest.raises(ConfigError, match=r"clair\.engine\.resources\.GPU: use cpus_per_engine or gpus_per_engine"):
+        load_config(None, ["clair.engine.resources={GPU: 1}"])
+    # Outside a job relative outputs are fine; inside one they would land on each node's own disk.
+    check_shared_paths(config)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    with pytest.raises(ConfigError, match=r"^run_dir: 'runs/default' must be absolute .* when running as a Ray Job$"):
+        check_shared_paths(config)
+    check_shared_paths(load_config(None, ["run_dir=/mnt/shared/run", "train.storage_path=s3://bucket/ckpt"]))

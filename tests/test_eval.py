@@ -80,8 +80,8 @@ def test_parse_grade():
     assert parse_grade("looks right <verdict>correct</verdict>", False) is True
     assert parse_grade("<verdict>Incorrect.</verdict>", False) is False
     assert parse_grade('{"reasoning": "", "verdict": "correct"}', True) is True
-    with pytest.raises(ValueError):
-        parse_grade("<verdict>perhaps</verdict>", False)
+    assert parse_grade("<verdict>perhaps</verdict>", False) is None
+    assert parse_grade('{"reasoning": "', True) is None
 
 
 def test_choice_adapters_mmlu_and_mixeval(tmp_path):

@@ -65,7 +65,10 @@ def test_parse_models_and_bad_sources(tmp_path):
 
 
 def test_detach_without_a_cluster_explains_what_to_do(monkeypatch, tiny_model):
+    import ray
+
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `rayalign serve` process
     with pytest.raises(ServeError, match=r"--detach needs a Ray cluster .*ray start --head"):
         serve_models(load_config(None, []), {"base": str(tiny_model)}, detach=True)
 

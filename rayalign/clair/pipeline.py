@@ -50,7 +50,10 @@ def check_inputs(config: RunConfig) -> None:
 
 
 def run_clair(config: RunConfig, limit: int | None = None, dry_run: bool = False) -> dict:
+    from rayalign.cluster import check_shared_paths
+
     check_inputs(config)
+    check_shared_paths(config)
     c = config.clair
     out = output_dir(config)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ from pathlib import Path
 from rayalign.config import ConfigError, RunConfig
 
 # TrainConfig keys that do not change the trajectory, so they do not change the run name.
-_NOT_IN_RUN_ID = ("output", "storage_path", "max_failures", "keep_checkpoints", "checkpoint_every", "report_every")
+_NOT_IN_RUN_ID = ("output", "storage_path", "max_failures", "keep_checkpoints", "checkpoint_every", "report_every",
+                  "placement_strategy")
 
 
 class TrainError(RuntimeError):
@@ -74,7 +75,8 @@ def run_train(config: RunConfig) -> dict:
             "pairs": ray.put(table), "pad_id": pad_id(AutoTokenizer.from_pretrained(train.model)),
             "reference_model": (config.reference.model or train.model) if config.reference.on_the_fly else None,
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=config.cluster.use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=config.cluster.use_gpu,
+                                               placement_strategy=train.placement_strategy),
         run_config=ray.train.RunConfig(
             name=f"rayalign-{run_id[:12]}", storage_path=train.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
@@ -117,9 +119,11 @@ def run_train(config: RunConfig) -> dict:
 
 def check_config(config: RunConfig) -> RunConfig:
     """Fail before any worker starts, naming the key; return the config with absolute paths."""
+    from rayalign.cluster import check_shared_paths
     from rayalign.train.losses import LOSSES
 
     config.validate()
+    check_shared_paths(config)
     train, reference = config.train, config.reference
     if not train.model:
         raise ConfigError("train.model: is required (a local model directory or a hub name)")
