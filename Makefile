@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 setup:
 	@RAYALIGN_VENV=$(VENV) scripts/setup.sh
@@ -11,7 +11,15 @@ demo: setup
 	$(VENV)/bin/rayalign demo
 
 test: setup
+	@scripts/setup-browser.sh
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Benchmarks (see BENCHMARKS.md); TRL goes into bench/.deps only, not into .venv.
+bench: setup
+	$(VENV)/bin/python -m pip install -q --target bench/.deps --no-deps trl==1.16.0 accelerate
+	$(VENV)/bin/python bench/clair_generation.py
+	$(VENV)/bin/python bench/train_throughput.py
+	$(VENV)/bin/python bench/serve_latency.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -108,10 +108,25 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from rayalign.report import write_report
+
+    print(f"rayalign report: {write_report(args.run_dir, args.out, args.sample)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rayalign.demo import run_demo
 
     return run_demo(args.run_dir)
+
+
+def cmd_replicate(args: argparse.Namespace) -> int:
+    from rayalign.replicate import parse_overrides, run_replicate
+
+    run_replicate(args.run_dir, seeds=args.seeds, sets=args.sets, losses=args.losses,
+                  overrides=parse_overrides(args.overrides))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,9 +195,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("report", help="write one self-contained HTML page for a run directory")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="FILE", help="where to write the page (default RUN_DIR/report.html)")
+    p.add_argument("--sample", type=int, default=500, metavar="N", help="show at most N pairs, rejects and examples")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("demo", help="the embedded default: everything on CPU with tiny local models")
     p.add_argument("--run-dir", default="runs/demo")
     p.set_defaults(func=cmd_demo)
+
+    from rayalign.replicate import LOSSES, SEEDS, SETS
+
+    p = sub.add_parser("replicate", help="the paper's comparison at CPU scale: pair sets x objectives x seeds")
+    p.add_argument("--run-dir", default="runs/replicate")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), metavar="SEED",
+                   help="first student seed of each replicate (default: %(default)s)")
+    p.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS), metavar="SET",
+                   help=f"pair sets, from {', '.join(SETS)} (default: all)")
+    p.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES), metavar="LOSS",
+                   help=f"objectives, from {', '.join(LOSSES)} (default: all)")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
+                   help="change the shared settings, e.g. train.learning_rate=3e-6")
+    p.set_defaults(func=cmd_replicate)
     return parser
 
 

@@ -64,6 +64,9 @@ class EngineConfig:
     # Custom resources each engine asks for (e.g. {rayalign_engine_node: 1} to pin engines to a
     # node type of the cluster); CPU and GPU are set above.
     resources: dict[str, float] = field(default_factory=dict)
+    # More vLLM engine arguments, passed as they are (e.g. enforce_eager, chat_template,
+    # max_num_seqs); they override those derived from the fields above.
+    engine_args: dict[str, str | int | float | bool] = field(default_factory=dict)
     # Structured output (JSON schema) backend; guidance gave valid JSON every time on CPU here.
     structured_output_backend: Literal["auto", "guidance", "xgrammar", "outlines", "lm-format-enforcer"] = "guidance"
 
@@ -229,7 +232,11 @@ class TrainConfig:
     # Where Ray Train keeps checkpoints: a local directory or an s3:// / gs:// URI;
     # default <train.output>/ray.
     storage_path: str | None = None
+    # A name from LOSS_NAMES, or "auto": measure whether the winners beat the policy's own
+    # answers (judged by clair.reviser, the verifier by default) and pick apo_zero or apo_down.
     loss: str = "apo_zero"
+    # Prompts sampled from the pair file for `loss: auto`.
+    auto_sample: int = 200
     beta: float = 0.1
     loss_options: dict[str, float] = field(default_factory=dict)
     learning_rate: float = 2e-7
@@ -259,7 +266,9 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self, key: str) -> None:
-        _check(self.loss in LOSS_NAMES, f"{key}.loss", f"must be one of {', '.join(LOSS_NAMES)}, not {self.loss!r}")
+        _check(self.loss in LOSS_NAMES + ("auto",), f"{key}.loss",
+               f"must be one of {', '.join(LOSS_NAMES)} or auto, not {self.loss!r}")
+        _check(self.auto_sample >= 1, f"{key}.auto_sample", "must be at least 1")
         _check(self.beta > 0, f"{key}.beta", "must be positive")
         _check(self.learning_rate > 0, f"{key}.learning_rate", "must be positive")
         _check(0 <= self.warmup_ratio < 1, f"{key}.warmup_ratio", "must be in [0, 1)")
@@ -310,9 +319,6 @@ class ServeConfig:
     ready_timeout_s: float = 600.0
     # Where the Serve config file (for `serve deploy`, KubeRay) is written; default <run_dir>/serve.
     output: str | None = None
-    # More vLLM engine arguments for serving only, passed as they are (e.g. enforce_eager,
-    # chat_template, max_num_seqs); they override those derived from serve.engine.
-    engine_args: dict[str, str | int | float | bool] = field(default_factory=dict)
 
     def validate(self, key: str) -> None:
         _check(0 < self.port < 65536, f"{key}.port", "must be a TCP port number")

@@ -30,7 +30,7 @@ def engine_kwargs(engine: EngineConfig) -> dict:
         # Without chunking a batch must hold a whole prompt.
         kwargs["enable_chunked_prefill"] = False
         kwargs["max_num_batched_tokens"] = max(engine.max_model_len, 2048)
-    return kwargs
+    return {**kwargs, **engine.engine_args}
 
 
 def placement(engine: EngineConfig) -> dict:

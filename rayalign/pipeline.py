@@ -2,7 +2,7 @@
 
 Each stage is skipped when its output is already complete for the same inputs and config:
 CLAIR resumes unit by unit, the reference pass is cached by fingerprint, training resumes
-from its newest checkpoint (a finished run is not retrained), and evaluation results are kept
+from its newest checkpoint (a finished run is not retrained and its model is left as it is), and evaluation results are kept
 under a fingerprint of what was evaluated. A resubmitted job therefore continues instead of
 starting over. `rounds: N` repeats clair and train with the newly trained policy as the next
 round's target and reference (on-policy rounds), each round in `round-K/`.
@@ -78,9 +78,8 @@ def check_pipeline(config: RunConfig) -> None:
 
 def run_pipeline(config: RunConfig) -> dict:
     from rayalign.clair.pipeline import run_clair
-    from rayalign.train.run import run_reference, run_train
-
     from rayalign.cluster import check_shared_paths
+    from rayalign.train.run import run_reference, run_train
 
     check_pipeline(config)
     check_shared_paths(config)

@@ -76,7 +76,7 @@ def app_args(serve: ServeConfig, models: dict[str, str]) -> dict:
         raise ServeError("no model to serve: give --model NAME=DIR or set serve.models")
     llm_configs = [{
         "model_loading_config": {"model_id": name, "model_source": resolve_source(name, source)},
-        "engine_kwargs": {**engine_kwargs(serve.engine), **serve.engine_args},
+        "engine_kwargs": engine_kwargs(serve.engine),
         # On CPU the engine takes a CPU bundle; without one it waits for a GPU forever.
         "placement_group_config": placement(serve.engine),
         "deployment_config": {

@@ -311,7 +311,11 @@ def test_auto_precision_offload_checkpointing_and_rerun_of_a_finished_run(ray_cl
     assert metrics[-1]["rewards/margins"] > 0.05
 
     events = sorted((Path(summary["output"]) / "tensorboard").iterdir())
+    weights = Path(summary["final"]) / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
     again = run_train(config)
+    # The exported model is left as it is, so whatever was fingerprinted from it stays valid.
+    assert weights.stat().st_mtime_ns == stamp
     # Nothing was retrained: no worker opened a new TensorBoard event file.
     assert sorted((Path(summary["output"]) / "tensorboard").iterdir()) == events
     assert again["final_metrics"] == summary["final_metrics"]

@@ -26,7 +26,7 @@ from rayalign.config import ConfigError, RunConfig
 
 # TrainConfig keys that do not change the trajectory, so they do not change the run name.
 _NOT_IN_RUN_ID = ("output", "storage_path", "max_failures", "keep_checkpoints", "checkpoint_every", "report_every",
-                  "placement_strategy")
+                  "placement_strategy", "auto_sample")
 
 
 class TrainError(RuntimeError):
@@ -53,10 +53,11 @@ def run_train(config: RunConfig) -> dict:
     from rayalign.train.data import Schedule
     from rayalign.train.logs import plot_curves, write_history
     from rayalign.train.loop import train_loop_per_worker
+    from rayalign.train.auto import resolve_loss
     from rayalign.train.reference import pad_id, prepare_pairs
 
     start = time.perf_counter()
-    config = check_config(config)
+    config = resolve_loss(check_config(config))
     train = config.train
     output = Path(train.output)
     precision = detect_precision(config)
@@ -68,6 +69,12 @@ def run_train(config: RunConfig) -> dict:
         raise ConfigError(f"train.batch_size: ({train.batch_size}) is more than the {len(table)} usable pairs "
                           f"of {train.pairs}")
     run_id = _run_id(config, prepared.manifest["fingerprint"], precision)
+    finished = output / "summary.json"
+    if finished.exists() and (output / "final").exists():
+        summary = json.loads(finished.read_text())
+        if summary.get("run_id") == run_id:
+            print(f"rayalign train: already trained with this config and data; model in {summary['final']}")
+            return summary
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -103,13 +110,13 @@ def run_train(config: RunConfig) -> dict:
     plot_curves(state["metrics"], output / "curves.png")
     counts = prepared.manifest["counts"]
     summary = {
-        "output": str(output), "final": str(output / "final"), "steps": state["step"],
+        "output": str(output), "final": str(output / "final"), "loss": train.loss, "steps": state["step"],
         "epochs": train.epochs, "pairs": len(table), "dropped_per_epoch": schedule.dropped_per_epoch,
         "prompts_truncated": counts["prompts_truncated"], "completions_truncated": counts["completions_truncated"],
         "skipped": counts["skipped"], "rejects": str(prepared.path.parent / "rejects.jsonl"),
         "pairs_file": str(prepared.path), "reference_reused": prepared.reused, "precision": precision,
         "checkpoints": result.path, "final_metrics": state["metrics"][-1],
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": round(time.perf_counter() - start, 1), "run_id": run_id,
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"rayalign train: done in {summary['seconds']}s; final loss {summary['final_metrics']['loss']:.4f}; "
@@ -134,12 +141,14 @@ def check_config(config: RunConfig) -> RunConfig:
     for key, model in (("train.model", train.model), ("reference.model", reference.model)):
         if model and _looks_local(model) and not Path(model).exists():
             raise ConfigError(f"{key}: {model} not found")
-    params = inspect.signature(LOSSES[train.loss]).parameters
-    options = [p for p in params.values() if p.kind is p.KEYWORD_ONLY and p.name not in ("beta", "chosen_token_count")]
-    for key in train.loss_options:
-        if key not in [p.name for p in options]:
-            known = ", ".join(p.name for p in options) or "none"
-            raise ConfigError(f"train.loss_options.{key}: not an option of loss {train.loss!r} (options: {known})")
+    # `auto` becomes apo_zero or apo_down, so its options must suit both.
+    for loss in ("apo_zero", "apo_down") if train.loss == "auto" else (train.loss,):
+        params = inspect.signature(LOSSES[loss]).parameters
+        options = [p for p in params.values() if p.kind is p.KEYWORD_ONLY and p.name not in ("beta", "chosen_token_count")]
+        for key in train.loss_options:
+            if key not in [p.name for p in options]:
+                known = ", ".join(p.name for p in options) or "none"
+                raise ConfigError(f"train.loss_options.{key}: not an option of loss {loss!r} (options: {known})")
     if train.lora.enabled:
         raise ConfigError("train.lora.enabled: LoRA training is not available yet")
 

@@ -1,0 +1,133 @@
+"""Benchmark: `rayalign serve` (Ray Serve + ray.serve.llm) against vLLM's own OpenAI server.
+
+Same model (the `bench` preset), same prompts, same concurrency and max_tokens, in one run:
+requests/s and p50/p99 latency of chat completions through the `openai` client, after a
+warm-up. The two servers run one after the other, each alone on the machine.
+
+Usage: python bench/serve_latency.py [--requests 128] [--concurrency 8] [--max-tokens 32]
+Writes bench/results/serve_latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ENGINE = {"dtype": "bfloat16", "max_model_len": 512, "gpu_memory_utilization": 0.2}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(url, timeout=2).status == 200:
+                return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"{url} not healthy after {timeout} s")
+
+
+async def load(base_url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=0, timeout=120)
+    gate = asyncio.Semaphore(concurrency)
+    latencies = []
+
+    async def one(text: str) -> None:
+        async with gate:
+            start = time.perf_counter()
+            await client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
+                                                 max_tokens=max_tokens, temperature=0.0,
+                                                 extra_body={"min_tokens": max_tokens})
+            latencies.append(time.perf_counter() - start)
+
+    await asyncio.gather(*(one(p) for p in prompts[:concurrency * 2]))  # warm-up
+    latencies.clear()
+    start = time.perf_counter()
+    await asyncio.gather(*(one(p) for p in prompts))
+    seconds = time.perf_counter() - start
+    await client.close()
+    latencies.sort()
+    return {"requests": len(prompts), "seconds": round(seconds, 2),
+            "requests_per_s": round(len(prompts) / seconds, 2),
+            "p50_ms": round(1000 * statistics.median(latencies), 1),
+            "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1)}
+
+
+def bench_vllm(model: str, prompts: list[str], args) -> dict:
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
+           "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", ENGINE["dtype"], "--max-model-len",
+           str(ENGINE["max_model_len"]), "--gpu-memory-utilization", str(ENGINE["gpu_memory_utilization"]),
+           "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health")
+        return asyncio.run(load(f"http://127.0.0.1:{port}/v1", "bench", prompts, args.concurrency, args.max_tokens))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+
+
+def bench_rayalign(model: str, prompts: list[str], args) -> dict:
+    from rayalign.config import load_config
+    from rayalign.serve import serve_models, serve_shutdown
+
+    port = free_port()
+    config = load_config(None, [f"run_dir={args.out}/serve-run", f"serve.port={port}", "cluster.num_cpus=6",
+                                f"serve.engine={json.dumps(ENGINE)}"])
+    served = serve_models(config, {"bench": model}, detach=True)
+    try:
+        return asyncio.run(load(served["base_url"], "bench", prompts, args.concurrency, args.max_tokens))
+    finally:
+        serve_shutdown(config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+
+    from rayalign.models import builtin_corpus, init_model
+
+    out = Path(args.out)
+    model_dir = out / "models" / "bench"
+    if not (model_dir / "config.json").exists():
+        init_model(model_dir, "bench")
+    model = str(model_dir.resolve())
+    prompts = [f"Continue: {line}" for line in builtin_corpus(seed=7, sentences=args.requests)]
+    results = {"model": "bench preset (25M parameters)", "engine": ENGINE, "concurrency": args.concurrency,
+               "max_tokens": args.max_tokens, "cpu_count": os.cpu_count()}
+    results["vllm_serve"] = bench_vllm(model, prompts, args)
+    results["rayalign_serve"] = bench_rayalign(model, prompts, args)
+    ours, theirs = results["rayalign_serve"], results["vllm_serve"]
+    results["ratios"] = {"throughput_vs_vllm": round(ours["requests_per_s"] / theirs["requests_per_s"], 3),
+                         "p50_overhead_ms": round(ours["p50_ms"] - theirs["p50_ms"], 1),
+                         "p99_overhead_ms": round(ours["p99_ms"] - theirs["p99_ms"], 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_latency.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

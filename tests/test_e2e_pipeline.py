@@ -1,0 +1,97 @@
+"""`rayalign pipeline` end to end on the tiny student: stopped in the middle, then resubmitted,
+it finishes without redoing the stages it had completed.
+
+Its Serve application takes the route prefix "/" on the session's Ray, as the session-wide
+deployment of test_serve.py and test_eval.py does; this module's name sorts before theirs, so
+the pipeline has served, evaluated and shut its application down before that one starts."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from rayalign import records
+from rayalign.pipeline import run_pipeline
+from rayalign.tasks import addition_prompts
+from tests.conftest import PYTHON, ROOT, free_port
+
+pytestmark = pytest.mark.integration
+
+ENGINE = {"dtype": "float32", "max_model_len": 256, "gpu_memory_utilization": 0.1, "batch_size": 32,
+          "engine_args": {"enforce_eager": True}}
+
+
+def write_config(tmp_path, student, ray_session):
+    train = addition_prompts(48, seed=71)
+    held_out = addition_prompts(24, seed=72, exclude={r["id"] for r in train})
+    records.write_rows(train, tmp_path / "train", "jsonl")
+    records.write_rows(held_out, tmp_path / "eval", "jsonl")
+    raw = {
+        "run_dir": str(tmp_path / "run"),
+        "cluster": {"address": ray_session.get_runtime_context().gcs_address},
+        "clair": {"prompts": str(tmp_path / "train"), "target_model": str(student), "engine": ENGINE,
+                  "sampling": {"temperature": 1.0, "max_tokens": 8}},
+        "train": {"batch_size": 8, "micro_batch_size": 4, "num_workers": 2, "zero_stage": 2, "precision": "fp32",
+                  "learning_rate": 1e-5, "max_length": 64, "max_prompt_length": 48, "checkpoint_every": 2},
+        "serve": {"port": free_port(), "app_name": "rayalign-pipeline-test", "engine": ENGINE},
+        "eval": {"kind": "exact", "data": str(tmp_path / "eval"), "max_tokens": 8},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_pipeline_resumes_after_a_stop(tmp_path, student, ray_session):
+    from rayalign.config import load_config
+
+    path = write_config(tmp_path, student, ray_session)
+    run = tmp_path / "run"
+    log = tmp_path / "pipeline.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([PYTHON, "-m", "rayalign.cli", "pipeline", "--config", str(path)], cwd=ROOT,
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    manifest = run / "manifest.json"
+    deadline = time.time() + 600
+    # Stop it once CLAIR and the reference pass are done, while it trains.
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.exists() and "reference" in json.loads(manifest.read_text()).get("stages", {}):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the pipeline ended before the stop: {log.read_text()[-3000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    shards = sorted(p.name for p in (run / "clair").rglob("part-*"))
+    reference = sorted(p for p in (run / "reference").iterdir() if p.is_dir())
+    assert shards and len(reference) == 1
+    reference_mtime = (reference[0] / "pairs.parquet").stat().st_mtime_ns
+
+    result = run_pipeline(load_config(path))
+    stages = result["stages"]
+    assert list(stages) == ["clair", "reference", "train", "serve+eval"]
+    assert stages["clair"]["pairs"] > 0
+    # CLAIR sent nothing again and the reference pass was reused, not recomputed.
+    assert sorted(p.name for p in (run / "clair").rglob("part-*")) == shards
+    assert json.loads((run / "clair" / "summary.json").read_text())["this_run"]["pairs"] == 0
+    assert (reference[0] / "pairs.parquet").stat().st_mtime_ns == reference_mtime
+    assert stages["train"]["reference_reused"] == 1
+    assert (run / "train" / "final" / "model.safetensors").exists()
+
+    evaluation = result["result"]["eval"]
+    assert set(evaluation["results"]) == {"base", "aligned"}
+    # The evaluation's accuracy is what its per-example records say.
+    examples = [json.loads(line) for line in (run / "eval" / "examples.jsonl").read_text().splitlines()]
+    for name, scores in evaluation["results"].items():
+        mine = [e for e in examples if e["model"] == name]
+        assert scores["scored"] == len(mine) == 24
+        assert scores["correct"] == sum(bool(e["correct"]) for e in mine)
+    saved = json.loads((run / "manifest.json").read_text())
+    assert saved["git_commit"] and "ray" in saved["packages"] and saved["config"]["train"]["batch_size"] == 8
+
+    # A third submission finds everything done: the evaluation is reused, nothing is served.
+    again = run_pipeline(load_config(path))
+    assert again["result"]["eval"]["fingerprint"] == evaluation["fingerprint"]
+    assert again["stages"]["serve+eval"]["seconds"] < 5
