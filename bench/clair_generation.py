@@ -6,8 +6,9 @@ sampling settings, in one run:
 1. rayalign: the generation stage of `rayalign clair` (ray.data.llm on Ray Data), steady-state
    generated tokens/s measured between the first and the last finished batch (engine start-up
    excluded), and the peak memory of the whole process tree at N and 10N prompts.
-2. vLLM: `LLM.generate` on the same prompts after a warm-up call.
+2. vLLM: `LLM.chat` on the same 10N prompts after a warm-up call.
 3. transformers: batched `model.generate` on a subset.
+Each system runs in its own process, one after the other.
 
 Usage: python bench/clair_generation.py [--prompts 256] [--max-tokens 64] [--out bench/results]
 Writes bench/results/clair_generation.json.
@@ -19,6 +20,8 @@ import argparse
 import json
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -148,15 +151,41 @@ def bench_transformers(model: str, prompts: list[dict], max_tokens: int, batch: 
             "tokens_per_s": round(tokens / seconds, 1)}
 
 
+def run_part(part: str, args) -> dict:
+    """Each system runs in its own process, alone on the machine, so that no engine of one
+    lingers while the other is measured."""
+    cmd = [sys.executable, __file__, "--part", part, "--prompts", str(args.prompts), "--max-tokens",
+           str(args.max_tokens), "--hf-prompts", str(args.hf_prompts), "--out", args.out]
+    print(f"bench: {part} ...", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{part} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+def part(name: str, model: str, args) -> dict:
+    prompts = make_prompts(args.prompts)
+    large = make_prompts(10 * args.prompts, seed=1)
+    if name == "vllm":
+        return bench_vllm(model, large, args.max_tokens)
+    if name == "transformers":
+        return bench_transformers(model, large[:args.hf_prompts], args.max_tokens)
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False)
+    return {"N": bench_rayalign(model, prompts, args.max_tokens),
+            "10N": bench_rayalign(model, large, args.max_tokens)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--hf-prompts", type=int, default=64)
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--part", choices=["vllm", "rayalign", "transformers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    import ray
 
     from rayalign.models import init_model
 
@@ -164,15 +193,17 @@ def main() -> None:
     if not (model_dir / "config.json").exists():
         init_model(model_dir, "bench")
     model = str(model_dir.resolve())
-    prompts = make_prompts(args.prompts)
+    if args.part:
+        print("RESULT " + json.dumps(part(args.part, model, args)), flush=True)
+        return
+
+    started = time.time()
     results = {"model": "bench preset (25M parameters)", "dtype": DTYPE, "max_tokens": args.max_tokens,
-               "cpu_count": os.cpu_count()}
-    results["vllm_raw"] = bench_vllm(model, prompts, args.max_tokens)
-    ray.init(num_cpus=8, include_dashboard=False)
-    results["rayalign_N"] = bench_rayalign(model, prompts, args.max_tokens)
-    results["rayalign_10N"] = bench_rayalign(model, make_prompts(10 * args.prompts, seed=1), args.max_tokens)
-    ray.shutdown()
-    results["transformers"] = bench_transformers(model, prompts[:args.hf_prompts], args.max_tokens)
+               "prompts_N": args.prompts, "cpu_count": os.cpu_count()}
+    results["vllm_raw"] = run_part("vllm", args)
+    ours = run_part("rayalign", args)
+    results["rayalign_N"], results["rayalign_10N"] = ours["N"], ours["10N"]
+    results["transformers"] = run_part("transformers", args)
     results["ratios"] = {
         "rayalign_vs_vllm": round(results["rayalign_10N"]["steady_tokens_per_s"]
                                   / results["vllm_raw"]["tokens_per_s"], 3),
@@ -181,6 +212,9 @@ def main() -> None:
         "peak_memory_10N_over_N": round(results["rayalign_10N"]["peak_rss_gb"]
                                         / results["rayalign_N"]["peak_rss_gb"], 3),
     }
+    results["command"] = "python " + " ".join(sys.argv)
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+    results["wall_s"] = round(time.time() - started, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "clair_generation.json").write_text(json.dumps(results, indent=2))

@@ -124,6 +124,8 @@ def main() -> None:
     results["ratios"] = {"throughput_vs_vllm": round(ours["requests_per_s"] / theirs["requests_per_s"], 3),
                          "p50_overhead_ms": round(ours["p50_ms"] - theirs["p50_ms"], 1),
                          "p99_overhead_ms": round(ours["p99_ms"] - theirs["p99_ms"], 1)}
+    results["command"] = "python " + " ".join(sys.argv)
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_latency.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

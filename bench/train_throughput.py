@@ -21,8 +21,11 @@ import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPS = ROOT / "bench" / ".deps"
@@ -75,9 +78,28 @@ def bench_rayalign(model: str, pairs: Path, out: Path, precision: str, steps: in
         f"train.epochs={epochs}", "train.learning_rate=1e-6", "train.checkpoint_every=100000",
         f"reference.output={out / 'reference'}", "cluster.num_cpus=4",
     ])
+    peak = [0]
+    running = [True]
+
+    def sample():  # resident memory of the Ray Train worker (the process that trains)
+        while running[0]:
+            total = 0
+            for proc in psutil.process_iter(["cmdline"]):
+                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                    try:
+                        total += proc.memory_info().rss
+                    except psutil.Error:
+                        continue
+            peak[0] = max(peak[0], total)
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     started = time.perf_counter()
     summary = run_train(config)
     wall = time.perf_counter() - started
+    running[0] = False
+    sampler.join()
     metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     manifest = json.loads((Path(summary["pairs_file"]).parent / "manifest.json").read_text())
     first_step_end = metrics[0]["elapsed_s"]
@@ -86,7 +108,7 @@ def bench_rayalign(model: str, pairs: Path, out: Path, precision: str, steps: in
             "tokens_per_s": round(steady([m["tokens/s"] for m in metrics]), 1),
             "reference_pass_s": manifest.get("seconds"),
             "startup_s": round(wall - train_seconds - (manifest.get("seconds") or 0) + first_step_end, 1),
-            "wall_s": round(wall, 1)}
+            "peak_rss_gb": round(peak[0] / 1024**3, 2), "wall_s": round(wall, 1)}
 
 
 def bench_trl(model: str, pairs: Path, out: Path, precision: str, steps: int) -> dict:
@@ -134,6 +156,8 @@ def main() -> None:
     best_ours = max(results[p]["rayalign"]["pairs_per_s"] for p in ("fp32", "bf16"))
     best_trl = max(results[p]["trl"]["pairs_per_s"] for p in ("fp32", "bf16"))
     results["ratio_best_precision"] = round(best_ours / best_trl, 2)
+    results["command"] = "python " + " ".join(sys.argv)
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_throughput.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

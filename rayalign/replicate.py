@@ -6,7 +6,9 @@ For each student seed (a student as in the demo, taught addition until partly ri
    built by `rayalign clair` on Ray Data and vLLM with the verifier:
    - `clair`: a wrong sample and its minimal correction (CLAIR);
    - `judge`: the sample closer to the reference answer against the other (on-policy judge);
-   - `stronger`: the reference answer against a wrong sample (Stronger Preferred);
+   - `stronger`: a stronger model's own greedy answer against each sample (Stronger Preferred;
+     the stronger model is the student taught further, to about 80%, answering greedily on vLLM:
+     its answer is correct more often than the student's, but not always);
 2. each set trained with each objective (APO-zero, APO-down, DPO, SFT on the winners) by
    `rayalign train` (reference pass, 2 Ray Train workers under DeepSpeed), same settings for all;
 3. the base student and every trained policy of a set served side by side on Ray Serve and
@@ -42,11 +44,19 @@ LOSS_TITLES = {"apo_zero": "APO-zero", "apo_down": "APO-down", "dpo": "DPO", "sf
 SEEDS = (0, 10, 20)
 
 
+# The stronger model of Stronger Preferred: the student, taught further until about 80% right.
+STRONGER = {"steps": 1500, "lr": 3e-4, "target_accuracy": 0.8}
+
+
 def cell_config(run: Path, seed_dir: Path, student: Path, set_name: str, loss: str | None,
                 overrides: dict) -> dict:
     raw = demo_config(seed_dir, student)
     raw["clair"].update(mode=SETS[set_name], output=str(seed_dir / "pairs" / set_name),
                         prompts=str(run / "data" / "train"))
+    if set_name == "stronger":
+        raw["clair"]["reviser"] = {"backend": "vllm", "model": str(seed_dir / "stronger"), "temperature": 0.0,
+                                   "max_tokens": raw["clair"]["sampling"]["max_tokens"],
+                                   "engine": raw["clair"]["engine"]}
     raw["reference"]["output"] = str(seed_dir / "reference")
     raw["train"].update(model=str(student), pairs=str(seed_dir / "pairs" / set_name / "pairs"),
                         output=str(seed_dir / "train" / f"{set_name}-{loss}"), loss=loss or "apo_zero")
@@ -65,7 +75,7 @@ def load(raw: dict, path: Path):
 def run_replicate(run_dir: str | Path, seeds=SEEDS, sets=tuple(SETS), losses=LOSSES,
                   overrides: dict | None = None) -> dict:
     from rayalign.clair.pipeline import run_clair
-    from rayalign.pipeline import evaluation_config, fingerprint, serve_and_evaluate
+    from rayalign.pipeline import _guard_stage_config, evaluation_config, fingerprint, serve_and_evaluate
     from rayalign.student import train_student
     from rayalign.train.run import run_train
 
@@ -84,9 +94,17 @@ def run_replicate(run_dir: str | Path, seeds=SEEDS, sets=tuple(SETS), losses=LOS
         student = train_student(seed_dir / "student", check_rows=data["check"], **{**STUDENT, "seed": seed})
         info = json.loads((student / "student.json").read_text())
         seeds_info.append({"seed": seed, "student_seed": info["seed"], "student_check_accuracy": info["accuracy"]})
+        if "stronger" in sets:
+            print(f"rayalign replicate: seed {seed}: the stronger model (cached after the first run)", flush=True)
+            stronger = train_student(seed_dir / "stronger", check_rows=data["check"],
+                                     seed=info["seed"], start_from=student, **STRONGER)
+            info = json.loads((stronger / "student.json").read_text())
+            seeds_info[-1].update(stronger_seed=info["seed"], stronger_check_accuracy=info["accuracy"])
         for index, set_name in enumerate(sets):
             raw = cell_config(run, seed_dir, student, set_name, None, overrides)
             config = load(raw, seed_dir / "configs" / f"{set_name}.yaml")
+            # Pairs made by other settings in the same directory are refused, not mixed.
+            _guard_stage_config(Path(config.clair.output), config.clair)
             print(f"rayalign replicate: seed {seed}: {SET_TITLES[set_name]} pairs", flush=True)
             pairs = run_clair(config)
             models = {"base": str(student)} if index == 0 else {}
@@ -190,14 +208,16 @@ def _pts(x: float | None) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = ["### Students", "", "| replicate | student seed | check accuracy | base accuracy (held out) | 95% CI |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["### Students", "",
+             "| replicate | student seed | check accuracy | base accuracy (held out) | 95% CI | stronger model: seed, check accuracy |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for s in result["seeds"]:
         b = s.get("base", {})
         ci = b.get("ci95") or [None, None]
+        stronger = (f"{s['stronger_seed']}, {s['stronger_check_accuracy']:.1%}" if "stronger_seed" in s else "n/a")
         lines.append(f"| {s['seed']} | {s['student_seed']} | {s['student_check_accuracy']:.1%} | "
                      + (f"{b['accuracy']:.1%} | {ci[0]:.1%} - {ci[1]:.1%} |" if b.get("accuracy") is not None
-                        else "n/a | n/a |"))
+                        else "n/a | n/a |") + f" {stronger} |")
     lines += ["", "### Contrast of the pair sets (mean over pairs, averaged over seeds)", "",
               "| pair set | pairs per seed | token Jaccard (higher = more minimal) | character Levenshtein |",
               "| --- | --- | --- | --- |"]

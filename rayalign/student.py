@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -35,26 +36,35 @@ def _batch(tokenizer, rng: random.Random, size: int):
 
 def train_student(out_dir: str | Path, steps: int = 600, lr: float = 1e-3, batch_size: int = 64,
                   seed: int = 0, log_every: int = 100, target_accuracy: float | None = None,
-                  check_rows: list[dict] | None = None, attempts: int = 1) -> Path:
+                  check_rows: list[dict] | None = None, attempts: int = 1, start_from: str | Path | None = None) -> Path:
     """Build a tiny word-level model and teach it addition; cached by its arguments.
 
     Training stops after `steps` steps, or earlier, at a multiple of `log_every`, once greedy
     accuracy on `check_rows` reaches `target_accuracy`. Accuracy jumps suddenly, at a step that
     depends on the seed, and some seeds do not jump within a short run: with `attempts` > 1 a
     student that misses the target is started again from the next seed (seed + 1, ...), and
-    the first to reach it is kept (otherwise the last attempt).
+    the first to reach it is kept (otherwise the last attempt). With `start_from` (a model
+    directory, such as another student) teaching continues from that model instead of a new one.
     """
     out = Path(out_dir)
     recipe = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "target": target_accuracy,
               "attempts": attempts,
               "check": hashlib.sha256(json.dumps([r["id"] for r in check_rows or []]).encode()).hexdigest()[:16]}
+    if start_from:
+        recipe["start_from"] = str(start_from)
     marker = out / "student.json"
     if marker.exists() and json.loads(marker.read_text()).get("recipe") == recipe:
         return out
+    # The marker goes first: a run stopped mid-way must not leave a stale marker beside new weights.
+    marker.unlink(missing_ok=True)
     started = time.perf_counter()
     history = []
     for attempt_seed in range(seed, seed + attempts):
-        init_model(out, "tiny", tokenizer_kind="word", seed=attempt_seed, texts=vocabulary_texts())
+        if start_from:
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(start_from, out, ignore=shutil.ignore_patterns("student.json"))
+        else:
+            init_model(out, "tiny", tokenizer_kind="word", seed=attempt_seed, texts=vocabulary_texts())
         steps_run, accuracy = _teach(out, steps, lr, batch_size, attempt_seed, log_every, target_accuracy, check_rows)
         history.append({"seed": attempt_seed, "steps_run": steps_run, "accuracy": accuracy})
         if target_accuracy is None or accuracy >= target_accuracy:
