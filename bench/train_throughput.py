@@ -44,7 +44,8 @@ def make_pairs(path: Path, n: int, seed: int = 0) -> None:
         prompt = " ".join(lines[4 * i:4 * i + 2])
         chosen = " ".join(lines[4 * i + 2:4 * i + 4] * 2)
         words = chosen.split()
-        words[rng.randrange(len(words))] = "wrong"
+        k = rng.randrange(len(words))
+        words[k] = "mistaken" if words[k] == "wrong" else "wrong"
         rows.append({"id": f"p{i}", "prompt": prompt, "chosen": chosen, "rejected": " ".join(words)})
     records.write_rows(rows, path, "jsonl")
 
@@ -73,10 +74,10 @@ def bench_rayalign(model: str, pairs: Path, out: Path, precision: str, steps: in
     epochs = max(1, -(-steps * BATCH // n_pairs))
     config = load_config(None, [
         f"run_dir={out}", f"train.model={model}", f"train.pairs={pairs}", f"train.output={out / 'train'}",
-        "train.num_workers=1", "train.zero_stage=0", f"train.precision={precision}", f"train.batch_size={BATCH}",
+        "train.num_workers=1", f"train.cpus_per_worker={os.cpu_count()}", "train.zero_stage=0", f"train.precision={precision}", f"train.batch_size={BATCH}",
         f"train.micro_batch_size={MICRO}", "train.max_length=256", "train.max_prompt_length=64",
         f"train.epochs={epochs}", "train.learning_rate=1e-6", "train.checkpoint_every=100000",
-        f"reference.output={out / 'reference'}", "cluster.num_cpus=4",
+        f"reference.output={out / 'reference'}", f"reference.cpus_per_actor={os.cpu_count()}", "cluster.num_cpus=4",
     ])
     peak = [0]
     running = [True]

@@ -197,6 +197,8 @@ class ReferenceConfig:
     model: str | None = None
     batch_size: int = 16
     concurrency: int = 1
+    # Logical CPUs (and torch threads) per reference actor.
+    cpus_per_actor: int = 1
     # Compute reference log-probs inside the training step instead of a separate pass.
     on_the_fly: bool = False
     # Cache of tokenized pairs and reference log-probs; default <run_dir>/reference.
@@ -205,6 +207,7 @@ class ReferenceConfig:
     def validate(self, key: str) -> None:
         _check(self.batch_size >= 1, f"{key}.batch_size", "must be at least 1")
         _check(self.concurrency >= 1, f"{key}.concurrency", "must be at least 1")
+        _check(self.cpus_per_actor >= 1, f"{key}.cpus_per_actor", "must be at least 1")
 
 
 @dataclass
@@ -248,6 +251,9 @@ class TrainConfig:
     batch_size: int = 64
     micro_batch_size: int = 8
     num_workers: int = 2
+    # Logical CPUs (and torch threads) per worker: on CPU-only machines give one worker all the
+    # cores it should use; on GPU workers this is the data-loading share.
+    cpus_per_worker: int = 1
     # How Ray places the workers: PACK (default), STRICT_PACK (one node, e.g. one 8-GPU box), SPREAD.
     placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     zero_stage: int = 2
@@ -274,6 +280,7 @@ class TrainConfig:
         _check(0 <= self.warmup_ratio < 1, f"{key}.warmup_ratio", "must be in [0, 1)")
         _check(self.epochs >= 1, f"{key}.epochs", "must be at least 1")
         _check(self.num_workers >= 1, f"{key}.num_workers", "must be at least 1")
+        _check(self.cpus_per_worker >= 1, f"{key}.cpus_per_worker", "must be at least 1")
         _check(self.micro_batch_size >= 1, f"{key}.micro_batch_size", "must be at least 1")
         _check(self.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage", f"must be 0, 1, 2 or 3, not {self.zero_stage}")
         per_step = self.micro_batch_size * self.num_workers

@@ -53,7 +53,7 @@ def test_int_is_accepted_where_a_float_is_expected():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.lerning_rate=1e-5"], "train.lerning_rate: unknown key (known keys: batch_size, beta,"),
+        (["train.lerning_rate=1e-5"], "train.lerning_rate: unknown key (known keys: auto_sample, batch_size, beta,"),
         (["tain.beta=1"], "tain: unknown key"),
         (["train.zero_stage=5"], "train.zero_stage: must be 0, 1, 2 or 3, not 5"),
         (["train.loss=apo_sideways"], "train.loss: must be one of apo_zero, apo_down, dpo"),

@@ -41,6 +41,8 @@ def train_loop_per_worker(config: dict) -> None:
     output, pad_id = Path(config["output"]), config["pad_id"]
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     torch.manual_seed(train.seed + rank)
+    # Ray gives each worker OMP_NUM_THREADS = its CPUs; say so explicitly for torch's pool.
+    torch.set_num_threads(train.cpus_per_worker)
 
     state = {"step": 0, "metrics": [], "steps": []}
     checkpoint = ray.train.get_checkpoint()

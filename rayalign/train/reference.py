@@ -199,7 +199,7 @@ def reference_pass(table, config: RunConfig, precision: str, pad: int):
         ReferenceLogps,
         fn_constructor_kwargs={"model": reference_model(config), "precision": precision, "pad_id": pad},
         batch_size=ref.batch_size, compute=ray.data.ActorPoolStrategy(size=ref.concurrency), batch_format="numpy",
-        num_cpus=1, num_gpus=1 if config.cluster.use_gpu else 0,
+        num_cpus=ref.cpus_per_actor, num_gpus=1 if config.cluster.use_gpu else 0,
     )
     chosen = np.full(len(table), np.nan, dtype=np.float32)
     rejected = chosen.copy()

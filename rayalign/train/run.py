@@ -26,7 +26,7 @@ from rayalign.config import ConfigError, RunConfig
 
 # TrainConfig keys that do not change the trajectory, so they do not change the run name.
 _NOT_IN_RUN_ID = ("output", "storage_path", "max_failures", "keep_checkpoints", "checkpoint_every", "report_every",
-                  "placement_strategy", "auto_sample")
+                  "placement_strategy", "auto_sample", "cpus_per_worker")
 
 
 class TrainError(RuntimeError):
@@ -83,6 +83,7 @@ def run_train(config: RunConfig) -> dict:
             "reference_model": (config.reference.model or train.model) if config.reference.on_the_fly else None,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=config.cluster.use_gpu,
+                                               resources_per_worker={"CPU": train.cpus_per_worker},
                                                placement_strategy=train.placement_strategy),
         run_config=ray.train.RunConfig(
             name=f"rayalign-{run_id[:12]}", storage_path=train.storage_path,
