@@ -87,12 +87,14 @@ def bench_vllm(model: str, prompts: list[str], args) -> dict:
 
 
 def bench_rayalign(model: str, prompts: list[str], args) -> dict:
+    from rayalign.cluster import connect
     from rayalign.config import load_config
     from rayalign.serve import serve_models, serve_shutdown
 
     port = free_port()
     config = load_config(None, [f"run_dir={args.out}/serve-run", f"serve.port={port}", "cluster.num_cpus=6",
                                 f"serve.engine={json.dumps(ENGINE)}"])
+    connect(config.cluster)  # a Ray for this process; detach returns once the model answers
     served = serve_models(config, {"bench": model}, detach=True)
     try:
         return asyncio.run(load(served["base_url"], "bench", prompts, args.concurrency, args.max_tokens))

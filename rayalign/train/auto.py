@@ -51,6 +51,7 @@ def resolve_loss(config: RunConfig) -> RunConfig:
 
 def choose_loss(config: RunConfig) -> dict:
     from rayalign import records
+    from rayalign.train.data import completion_text
 
     train, clair = config.train, config.clair
     reviser = clair.reviser
@@ -92,7 +93,7 @@ def choose_loss(config: RunConfig) -> dict:
             continue
         units.append({"unit_id": f"auto-{n}", "prompt_id": f"auto-{n}", "prompt_json": json.dumps(pair["prompt"]),
                       "reference": reference, "sample": 0, "seed": train.seed + n,
-                      "winner": _completion(pair["chosen"])})
+                      "winner": completion_text(pair["chosen"])})
     tally = {"chosen": 0, "policy": 0, "tie": 0}
     if units:
         for row in _judged_rows(config, units):
@@ -143,10 +144,6 @@ def _verdict(row: dict) -> str:
 
 def _key(prompt) -> str:
     return json.dumps(prompt, sort_keys=True)
-
-
-def _completion(value) -> str:
-    return value if isinstance(value, str) else value[-1]["content"]
 
 
 def _identity(path: str) -> str:

@@ -1,0 +1,77 @@
+"""Print the Markdown tables of BENCHMARKS.md from bench/results/*.json.
+
+Usage: python bench/tables.py [--results bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def generation(r: dict) -> str:
+    steady = r["rayalign_steady"]
+    rows = [
+        ("vLLM `LLM.chat` (raw engine, warm)", f"{r['vllm_raw']['tokens_per_s']:.0f}", f"{r['vllm_raw']['prompts']} prompts"),
+        ("rayalign CLAIR generation stage, steady state", f"{steady['tokens_per_s']:.0f}",
+         f"{steady['extra_tokens']} extra tokens in {steady['extra_seconds']} s (10N run minus N run)"),
+        ("transformers `generate` (batch 32)", f"{r['transformers']['tokens_per_s']:.0f}",
+         f"{r['transformers']['prompts']} prompts"),
+    ]
+    out = ["| system | generated tokens/s | measured on |", "| --- | --- | --- |"]
+    out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    ratios = r["ratios"]
+    out += ["", f"- rayalign / raw vLLM: **{ratios['rayalign_vs_vllm']:.2f}x**; rayalign / transformers: "
+            f"**{ratios['rayalign_vs_transformers']:.1f}x**",
+            f"- peak memory of the whole run (driver, Ray, engine): N = {r['rayalign_N']['prompts']} prompts "
+            f"{r['rayalign_N']['peak_rss_gb']} GB, 10N = {r['rayalign_10N']['prompts']} prompts "
+            f"{r['rayalign_10N']['peak_rss_gb']} GB (ratio **{ratios['peak_memory_10N_over_N']:.2f}**)",
+            f"- wall time including engine start-up: N {r['rayalign_N']['wall_s']} s, 10N {r['rayalign_10N']['wall_s']} s"]
+    return "\n".join(out)
+
+
+def training(r: dict) -> str:
+    out = ["| precision | system | pairs/s (steady) | tokens/s | start-up s | reference pass s | peak RSS GB | share of matmul peak |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for precision in ("fp32", "bf16"):
+        for name, label in (("rayalign", "rayalign (1 Ray Train worker, DeepSpeed ZeRO-0)"),
+                            ("trl", "TRL DPOTrainer, apo_zero, precomputed reference")):
+            x = r[precision][name]
+            out.append(f"| {precision} | {label} | {x['pairs_per_s']} | {x['tokens_per_s']} | {x['startup_s']} | "
+                       f"{x['reference_pass_s']} | {x['peak_rss_gb']} | {x['matmul_peak_share']:.1%} |")
+    out += ["", f"- rayalign / TRL pairs/s: fp32 **{r['fp32']['ratio_pairs_per_s']}x**, bf16 "
+            f"**{r['bf16']['ratio_pairs_per_s']}x**; best precision of each: **{r['ratio_best_precision']}x**",
+            f"- matmul peak measured in the same run: fp32 {r['fp32']['matmul_peak_gflops']} GFLOP/s, "
+            f"bf16 {r['bf16']['matmul_peak_gflops']} GFLOP/s"]
+    return "\n".join(out)
+
+
+def serving(r: dict) -> str:
+    out = ["| server | requests/s | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
+    for key, label in (("vllm_serve", "vLLM's OpenAI server"), ("rayalign_serve", "rayalign serve (Ray Serve)")):
+        x = r[key]
+        out.append(f"| {label} | {x['requests_per_s']} | {x['p50_ms']} | {x['p99_ms']} |")
+    ratios = r["ratios"]
+    out += ["", f"- rayalign / vLLM throughput: **{ratios['throughput_vs_vllm']:.2f}x**; p50 overhead "
+            f"**{ratios['p50_overhead_ms']} ms**, p99 overhead {ratios['p99_overhead_ms']} ms",
+            f"- {r['concurrency']} concurrent clients, {r['vllm_serve']['requests']} requests of "
+            f"{r['max_tokens']} tokens each"]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="bench/results")
+    args = parser.parse_args()
+    results = Path(args.results)
+    for name, render in (("clair_generation", generation), ("train_throughput", training),
+                         ("serve_latency", serving)):
+        path = results / f"{name}.json"
+        if path.exists():
+            r = json.loads(path.read_text())
+            print(f"## {name}\n\n`{r.get('command', '')}` (finished {r.get('finished', '?')})\n\n{render(r)}\n")
+
+
+if __name__ == "__main__":
+    main()
