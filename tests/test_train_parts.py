@@ -185,7 +185,8 @@ def test_reference_batch_function_matches_transformers(tiny_model, tokenizer):
     (lambda c: setattr(c.train, "model", "./no/such/model"), r"^train\.model: \./no/such/model not found"),
     (lambda c: setattr(c.train, "loss_options", {"label_smoothin": 0.1}),
      r"^train\.loss_options\.label_smoothin: not an option of loss 'apo_zero' \(options: none\)"),
-    (lambda c: setattr(c.train, "lora", type(c.train.lora)(enabled=True)), r"^train\.lora\.enabled:"),
+    (lambda c: (setattr(c.train, "lora", type(c.train.lora)(enabled=True)), setattr(c.train, "zero_stage", 3)),
+     r"^train\.lora\.enabled: LoRA trains with zero_stage 0, 1 or 2"),
 ])
 def test_bad_config_fails_before_ray_starts(tmp_path, tiny_model, monkeypatch, change, message):
     import rayalign.cluster

@@ -320,3 +320,20 @@ def test_auto_precision_offload_checkpointing_and_rerun_of_a_finished_run(ray_cl
     assert sorted((Path(summary["output"]) / "tensorboard").iterdir()) == events
     assert again["final_metrics"] == summary["final_metrics"]
     assert max_difference(load_weights(again["final"]), load_weights(summary["final"])) == 0
+
+
+# ---- LoRA ------------------------------------------------------------------------------------------
+
+def test_lora_trains_only_the_adapted_projections_and_exports_a_merged_model(ray_cluster, toy, tiny_model):
+    config = toy("lora", "train.lora.enabled=true", "train.lora.r=8", "train.lora.alpha=16",
+                 "train.lora.target_modules=[q_proj, v_proj]", "train.zero_stage=2", "train.epochs=6",
+                 "train.learning_rate=5e-3", "train.warmup_ratio=0")
+    summary = run_train(config)
+    metrics = read_jsonl(Path(summary["output"]) / "metrics.jsonl")
+    assert metrics[0]["loss"] == pytest.approx(1.0, abs=1e-3)   # LoRA's B starts at zero: policy == reference
+    assert metrics[-1]["rewards/margins"] > 0.05
+    base, merged = load_weights(tiny_model), load_weights(summary["final"])
+    assert set(merged) == set(base)                             # a plain model: no adapter keys left
+    changed = {k for k in base if (base[k] - merged[k]).abs().max().item() > 0}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+    assert {k.split(".")[-2] for k in changed} == {"q_proj", "v_proj"}

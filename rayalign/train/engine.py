@@ -125,12 +125,27 @@ def build_engine(train: TrainConfig, precision: str, total_steps: int):
     model = load_model(train.model, precision, trainable=True)
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
+    if train.lora.enabled:
+        model = with_lora(model, train)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
     factor = lr_multiplier(train.lr_schedule, warmup_steps(train, total_steps), total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(train, precision))
     return engine
+
+
+def with_lora(model, train: TrainConfig):
+    """LoRA adapters (peft) on `train.lora.target_modules`; only they train. The frozen base is
+    the reference model too, so with precomputed reference log-probs nothing else is held."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = train.lora
+    if train.gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that carries grad
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
@@ -182,6 +197,11 @@ def export_hf(engine, train: TrainConfig, directory: Path, rank: int) -> None:
     if rank != 0:
         return
     module = engine.module
+    if train.lora.enabled:
+        # The adapters merged into the base weights: a plain checkpoint that vLLM serves. This
+        # is the end of the run, so the trained module may be changed in place.
+        module = module.merge_and_unload()
+        state = None
     module.config.use_cache = True
     module.save_pretrained(directory, state_dict=state, safe_serialization=True)
     if module.generation_config is not None:

@@ -150,8 +150,9 @@ def check_config(config: RunConfig) -> RunConfig:
             if key not in [p.name for p in options]:
                 known = ", ".join(p.name for p in options) or "none"
                 raise ConfigError(f"train.loss_options.{key}: not an option of loss {loss!r} (options: {known})")
-    if train.lora.enabled:
-        raise ConfigError("train.lora.enabled: LoRA training is not available yet")
+    if train.lora.enabled and train.zero_stage == 3:
+        raise ConfigError("train.lora.enabled: LoRA trains with zero_stage 0, 1 or 2 (the adapters are small; "
+                          "ZeRO-3 partitioning of the frozen base is not supported with them)")
 
     output = Path(train.output or Path(config.run_dir) / "train").resolve()
     storage = train.storage_path or str(output / "ray")
