@@ -138,14 +138,27 @@ def run_replicate(run_dir: str | Path, seeds=SEEDS, sets=tuple(SETS), losses=LOS
                 print(f"rayalign replicate: seed {seed}: serving and evaluating {', '.join(models)}", flush=True)
                 evaluated = serve_and_evaluate(evaluation_config(config, models))
                 _collect(cells, seeds_info[-1], seed, set_name, evaluated)
-            cells_of_set = [c for c in cells if c["seed"] == seed and c["set"] == set_name]
-            for c in cells_of_set:
-                c["contrast"] = pairs["contrast"]
-                c["pairs"] = pairs["pairs"]
+            correct = winners_correct(Path(config.clair.output) / "pairs", data["train"])
+            for c in cells:
+                if c["seed"] == seed and c["set"] == set_name:
+                    c.update(contrast=pairs["contrast"], pairs=pairs["pairs"], correct=correct)
     result = summarize(run, seeds_info, cells, sets, losses, time.perf_counter() - started)
     print(result["markdown"])
     print(f"rayalign replicate: done in {time.perf_counter() - started:.0f}s; tables in {run / 'replication.md'}")
     return result
+
+
+def winners_correct(pairs_dir: Path, prompts: list[dict]) -> dict:
+    """Shares of pairs whose chosen, and whose rejected, answer is right (by the verifier)."""
+    from rayalign import records
+    from rayalign.clair.verifier import is_correct
+    from rayalign.train.data import completion_text
+
+    references = {json.dumps(row["prompt"]): row["reference"] for row in prompts}
+    pairs = records.load_pairs(pairs_dir)
+    right = {side: sum(is_correct(completion_text(p[side]), references[json.dumps(p["prompt"])]) for p in pairs)
+             for side in ("chosen", "rejected")}
+    return {side: right[side] / len(pairs) if pairs else None for side in right}
 
 
 def _collect(cells: list[dict], seed_info: dict, seed: int, set_name: str, evaluated: dict) -> None:
@@ -191,6 +204,8 @@ def summarize(run: Path, seeds_info: list[dict], cells: list[dict], sets, losses
         if mine:
             contrast.append({
                 "set": set_name, "pairs": [c["pairs"] for c in mine.values()],
+                "chosen_correct": statistics.fmean(c["correct"]["chosen"] for c in mine.values()),
+                "rejected_correct": statistics.fmean(c["correct"]["rejected"] for c in mine.values()),
                 "jaccard": statistics.fmean(c["contrast"]["jaccard"]["mean"] for c in mine.values()),
                 "levenshtein": statistics.fmean(c["contrast"]["levenshtein"]["mean"] for c in mine.values())})
     result = {"seeds": seeds_info, "cells": cells, "comparison": rows, "contrast": contrast,
@@ -219,11 +234,12 @@ def markdown(result: dict) -> str:
                      + (f"{b['accuracy']:.1%} | {ci[0]:.1%} - {ci[1]:.1%} |" if b.get("accuracy") is not None
                         else "n/a | n/a |") + f" {stronger} |")
     lines += ["", "### Contrast of the pair sets (mean over pairs, averaged over seeds)", "",
-              "| pair set | pairs per seed | token Jaccard (higher = more minimal) | character Levenshtein |",
-              "| --- | --- | --- | --- |"]
+              "| pair set | pairs per seed | token Jaccard (higher = more minimal) | character Levenshtein | "
+              "chosen right | rejected right |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for c in result["contrast"]:
         lines.append(f"| {SET_TITLES[c['set']]} | {', '.join(map(str, c['pairs']))} | {c['jaccard']:.3f} | "
-                     f"{c['levenshtein']:.2f} |")
+                     f"{c['levenshtein']:.2f} | {c['chosen_correct']:.1%} | {c['rejected_correct']:.1%} |")
     lines += ["", "### Accuracy change over the base student (points; mean over seeds, 95% t-interval)", "",
               "| pair set | objective | mean change | 95% CI | per seed |", "| --- | --- | --- | --- | --- |"]
     for r in result["comparison"]:
