@@ -19,6 +19,7 @@ import json
 import os
 import random
 import statistics
+import shutil
 import subprocess
 import sys
 import threading
@@ -114,7 +115,8 @@ def bench_rayalign(model: str, pairs: Path, out: Path, precision: str, steps: in
 
 def bench_trl(model: str, pairs: Path, out: Path, precision: str, steps: int) -> dict:
     """TRL runs in a subprocess with bench/.deps on its path, so the project's env stays clean."""
-    env = {**os.environ, "PYTHONPATH": f"{DEPS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{DEPS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "HF_DATASETS_CACHE": str(out / "datasets-cache")}  # TRL caches its reference pass there
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("trl_dpo.py")), model, str(pairs),
                            str(out), precision, str(steps), str(BATCH), str(MICRO)],
                           capture_output=True, text=True, env=env, timeout=3600)
@@ -147,6 +149,10 @@ def main() -> None:
                "pairs": args.pairs, "cpu_count": os.cpu_count(),
                "hidden": AutoConfig.from_pretrained(model).hidden_size}
     for precision in ("fp32", "bf16"):
+        # Fresh each run: a finished training is not retrained, and both reference passes (ours and
+        # TRL's datasets cache) would be reused, so their times would be stale.
+        for system in ("rayalign", "trl"):
+            shutil.rmtree(out / f"{system}-{precision}", ignore_errors=True)
         peak = matmul_peak(precision)
         ours = bench_rayalign(str(model), pairs, out / f"rayalign-{precision}", precision, args.steps, args.pairs)
         theirs = bench_trl(str(model), pairs, out / f"trl-{precision}", precision, args.steps)

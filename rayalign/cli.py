@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES), metavar="LOSS",
                    help=f"objectives, from {', '.join(LOSSES)} (default: all)")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
-                   help="change the shared settings, e.g. train.learning_rate=3e-6")
+                   help="change the shared settings, e.g. train.learning_rate=3e-6; give them before "
+                        "--seeds/--sets/--losses, which take every word after them")
     p.set_defaults(func=cmd_replicate)
     return parser
 

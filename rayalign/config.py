@@ -242,6 +242,12 @@ class TrainConfig:
     auto_sample: int = 200
     beta: float = 0.1
     loss_options: dict[str, float] = field(default_factory=dict)
+    # An added supervised term: sft_weight x the chosen answer's mean per-token negative
+    # log-likelihood, added to a preference loss (0 = none).
+    sft_weight: float = 0.0
+    # Average the log-probs (policy and reference) over each completion's tokens before the
+    # preference loss, instead of summing them.
+    length_normalize: bool = False
     learning_rate: float = 2e-7
     warmup_ratio: float = 0.1
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -276,6 +282,10 @@ class TrainConfig:
                f"must be one of {', '.join(LOSS_NAMES)} or auto, not {self.loss!r}")
         _check(self.auto_sample >= 1, f"{key}.auto_sample", "must be at least 1")
         _check(self.beta > 0, f"{key}.beta", "must be positive")
+        _check(self.sft_weight >= 0, f"{key}.sft_weight", "must not be negative")
+        _check(self.loss != "sft" or (self.sft_weight == 0 and not self.length_normalize),
+               f"{key}.sft_weight" if self.sft_weight else f"{key}.length_normalize",
+               "applies to preference losses; loss sft is already a per-token supervised loss")
         _check(self.learning_rate > 0, f"{key}.learning_rate", "must be positive")
         _check(0 <= self.warmup_ratio < 1, f"{key}.warmup_ratio", "must be in [0, 1)")
         _check(self.epochs >= 1, f"{key}.epochs", "must be at least 1")

@@ -111,6 +111,7 @@ def serve_and_evaluate(config: RunConfig) -> dict:
     """Serve the models, evaluate them through the endpoint, shut the deployment down (unless
     serve.keep); results are reused when the same models were already evaluated the same way."""
     from rayalign.evaluate import run_eval
+    from rayalign.cluster import connect
     from rayalign.serve import serve_models, serve_shutdown
 
     out = Path(config.eval.output)
@@ -120,6 +121,9 @@ def serve_and_evaluate(config: RunConfig) -> dict:
     if done.exists() and json.loads(done.read_text()).get("fingerprint") == key:
         print(f"rayalign pipeline: evaluation of {', '.join(config.serve.models)} is up to date in {out}")
         return json.loads(done.read_text())
+    # The deployment lives as long as this process's Ray: start or join it here, since every
+    # earlier stage may have been cached and never needed Ray.
+    connect(config.cluster)
     serve_models(config, config.serve.models, detach=True)
     try:
         results = run_eval(config)

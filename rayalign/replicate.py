@@ -209,13 +209,33 @@ def summarize(run: Path, seeds_info: list[dict], cells: list[dict], sets, losses
                 "jaccard": statistics.fmean(c["contrast"]["jaccard"]["mean"] for c in mine.values()),
                 "levenshtein": statistics.fmean(c["contrast"]["levenshtein"]["mean"] for c in mine.values())})
     result = {"seeds": seeds_info, "cells": cells, "comparison": rows, "contrast": contrast,
-              "seconds": round(seconds, 1)}
+              "paired": paired_differences(cells, sets, losses), "seconds": round(seconds, 1)}
     result["markdown"] = markdown(result)
     (run / "replication.json").write_text(json.dumps({k: v for k, v in result.items() if k != "markdown"},
                                                      indent=2, default=str))
     (run / "replication.md").write_text(result["markdown"])
     plot(result, run)
     return result
+
+
+def paired_differences(cells: list[dict], sets, losses) -> list[dict]:
+    """Within-seed accuracy differences, which cancel each student's own level: CLAIR against
+    each other pair set under the same objective, and each objective against APO-zero on the
+    same pair set. Only seeds where both cells were evaluated count."""
+    acc = {(c["seed"], c["set"], c["loss"]): c["eval"]["accuracy"] for c in cells
+           if c.get("eval", {}).get("accuracy") is not None}
+    comparisons = [((("clair", loss), (other, loss))) for loss in losses for other in sets
+                   if "clair" in sets and other != "clair"]
+    comparisons += [((set_name, loss), (set_name, "apo_zero")) for set_name in sets for loss in losses
+                    if "apo_zero" in losses and loss != "apo_zero"]
+    seeds = sorted({c["seed"] for c in cells})
+    rows = []
+    for a, b in comparisons:
+        diffs = [acc[(s, *a)] - acc[(s, *b)] for s in seeds if (s, *a) in acc and (s, *b) in acc]
+        if diffs:
+            mean, half = mean_interval(diffs)
+            rows.append({"a": list(a), "b": list(b), "diffs": diffs, "mean": mean, "ci95": half})
+    return rows
 
 
 def _pts(x: float | None) -> str:
@@ -248,7 +268,18 @@ def markdown(result: dict) -> str:
         failed = f" (failed: seeds {r['failed']})" if r["failed"] else ""
         lines.append(f"| {SET_TITLES[r['set']]} | {LOSS_TITLES[r['loss']]} | {_pts(r['mean_change'])} | {ci} | "
                      f"{per_seed}{failed} |")
+    lines += ["", "### Paired differences within each seed (points; mean, 95% t-interval)", "",
+              "| comparison | mean difference | 95% CI | per seed |", "| --- | --- | --- | --- |"]
+    for d in result.get("paired", []):
+        name = lambda cell: f"{SET_TITLES[cell[0]]} {LOSS_TITLES[cell[1]]}"
+        ci = "n/a" if d["ci95"] is None else f"{_pts(d['mean'] - d['ci95'])} to {_pts(d['mean'] + d['ci95'])}"
+        lines.append(f"| {name(d['a'])} - {name(d['b'])} | {_pts(d['mean'])} | {ci} | "
+                     f"{', '.join(_pts(x) for x in d['diffs'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _wrap(title: str) -> str:
+    return title.replace(" ", "\n")  # "stronger preferred" under its bar, not across the next one
 
 
 def plot(result: dict, run: Path) -> None:
@@ -259,8 +290,8 @@ def plot(result: dict, run: Path) -> None:
 
     rows = [r for r in result["comparison"] if r["mean_change"] is not None]
     if rows:
-        fig, ax = plt.subplots(figsize=(10, 4))
-        labels = [f"{SET_TITLES[r['set']]}\n{LOSS_TITLES[r['loss']]}" for r in rows]
+        fig, ax = plt.subplots(figsize=(12, 4.5))
+        labels = [f"{_wrap(SET_TITLES[r['set']])}\n{LOSS_TITLES[r['loss']]}" for r in rows]
         means = [r["mean_change"] * 100 for r in rows]
         errors = [(r["ci95"] or 0) * 100 for r in rows]
         ax.bar(range(len(rows)), means, yerr=errors, capsize=3, color="#8fb3d9", edgecolor="black")
@@ -275,7 +306,7 @@ def plot(result: dict, run: Path) -> None:
         plt.close(fig)
     if result["contrast"]:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-        names = [SET_TITLES[c["set"]] for c in result["contrast"]]
+        names = [_wrap(SET_TITLES[c["set"]]) for c in result["contrast"]]
         axes[0].bar(names, [c["jaccard"] for c in result["contrast"]], color="#9bd09b", edgecolor="black")
         axes[0].set_ylabel("token Jaccard (higher = more minimal)")
         axes[1].bar(names, [c["levenshtein"] for c in result["contrast"]], color="#e3a88f", edgecolor="black")

@@ -46,6 +46,10 @@ def test_summarize_subtracts_each_seeds_own_base_and_names_failures(tmp_path):
     assert "| CLAIR | 100, 90 | 0.550 | 2.00 | 90.0% | 5.0% |" in table
     assert "| CLAIR | DPO | -2.0 | n/a | -2.0 (failed: seeds [10]) |" in table
     assert "| 0 | 1 | 44.0% | 40.0% | 36.0% - 44.0% | n/a |" in table
+    # within-seed differences count only seeds where both cells were evaluated
+    assert result["paired"] == [{"a": ["clair", "dpo"], "b": ["clair", "apo_zero"], "diffs": [pytest.approx(-0.08)],
+                                 "mean": pytest.approx(-0.08), "ci95": None}]
+    assert "| CLAIR DPO - CLAIR APO-zero | -8.0 | n/a | -8.0 |" in table
     saved = json.loads((tmp_path / "replication.json").read_text())
     assert saved["comparison"][0]["mean_change"] == pytest.approx(0.04)
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "contrast.png").stat().st_size > 0

@@ -106,6 +106,22 @@ def test_schedule_uses_each_pair_once_per_epoch_and_splits_deterministically():
 
 # ---- LR schedule, DeepSpeed config, precision ---------------------------------------------------
 
+def test_schedule_groups_a_steps_pairs_by_length_without_changing_the_step():
+    lengths = tuple(int(n) for n in np.random.default_rng(3).integers(10, 200, size=40))
+    plain = Schedule(40, 16, 4, 2, 2, seed=5)
+    grouped = Schedule(40, 16, 4, 2, 2, seed=5, lengths=lengths)
+    for step in range(grouped.total_steps):
+        assert grouped.step_indices(step) == plain.step_indices(step)
+        parts = [i for m in range(2) for r in range(2) for i in grouped.micro_batches(step, r)[m]]
+        # the same pairs, now in length order across micro-batches and workers
+        assert sorted(parts) == sorted(plain.step_indices(step))
+        assert [lengths[i] for i in parts] == sorted(lengths[i] for i in parts)
+    # padding: each micro-batch is as wide as its longest pair
+    width = lambda s: sum(max(lengths[i] for i in mb) * len(mb) for step in range(s.total_steps)
+                          for r in range(2) for mb in s.micro_batches(step, r))
+    assert width(grouped) < 0.85 * width(plain)
+
+
 def test_lr_multiplier_by_hand():
     cosine = engine.lr_multiplier("cosine", warmup_steps=2, total_steps=10)
     assert [cosine(s) for s in (0, 1, 2)] == pytest.approx([1 / 3, 2 / 3, 1.0])
@@ -241,3 +257,35 @@ def test_micro_batch_loss_by_hand(tmp_path, tiny_model, tokenizer, loss):
     assert metrics["rewards/rejected"] == pytest.approx(-0.2, abs=1e-5)
     assert metrics["logps/chosen"] == pytest.approx(c.mean().item(), rel=1e-5)
     assert row[-1].item() == sum(len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in rows)
+
+
+def test_added_supervised_term_and_length_normalisation_by_hand(tmp_path, tiny_model, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from rayalign.train.forward import pair_logps
+    from rayalign.train.loop import _MEANS, _micro_batch_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    rows = tokenize_pairs(tokenizer, toy_pairs(4), 64, 32).rows
+    with torch.no_grad():
+        direct = pair_logps(model, rows, tokenizer.pad_token_id)
+    for i, row in enumerate(rows):  # the reference 1 nat below the policy on chosen, 2 above on rejected
+        row["ref_chosen_logps"] = direct["chosen"][i].item() - 1.0
+        row["ref_rejected_logps"] = direct["rejected"][i].item() + 2.0
+    nc, nr = direct["chosen_tokens"].double(), direct["rejected_tokens"].double()
+    nll = (-direct["chosen"].double() / nc).mean().item()
+    sigmoid = lambda x: 1 / (1 + torch.exp(-x))
+
+    config = train_config(tmp_path, tiny_model, tmp_path, "train.sft_weight=0.5")
+    value, _ = _micro_batch_loss(model, None, rows, config.train, tokenizer.pad_token_id)
+    apo_zero = (1 - 1 / (1 + math.exp(-0.1))) + 1 / (1 + math.exp(0.2))  # r_w = 0.1, r_l = -0.2
+    assert value.item() == pytest.approx(apo_zero + 0.5 * nll, rel=1e-5)
+
+    config = train_config(tmp_path, tiny_model, tmp_path, "train.length_normalize=true")
+    value, row = _micro_batch_loss(model, None, rows, config.train, tokenizer.pad_token_id)
+    r_w, r_l = 0.1 * 1.0 / nc, 0.1 * -2.0 / nr  # the 1 and 2 nats spread over each completion's tokens
+    assert value.item() == pytest.approx(((1 - sigmoid(r_w)) + sigmoid(r_l)).mean().item(), rel=1e-5)
+    assert dict(zip(_MEANS, row.tolist()))["rewards/chosen"] == pytest.approx(r_w.mean().item(), rel=1e-5)
+
+    with pytest.raises(ConfigError, match=r"^train\.sft_weight: applies to preference losses"):
+        train_config(tmp_path, tiny_model, tmp_path, "train.loss=sft", "train.sft_weight=1")

@@ -7,10 +7,15 @@ environment and never logged or returned.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import time
 from dataclasses import dataclass
+
+# One INFO line per HTTP request (the `openai` client's httpx) drowns progress once a library
+# has set the root logger to INFO, as Ray Serve does; failures are reported here, with retries.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class RequestFailed(Exception):

@@ -141,6 +141,10 @@ class Schedule:
     num_workers: int
     epochs: int
     seed: int
+    # Token length of each pair (its longer sequence). When given, each step's pairs are ordered
+    # by length before they are cut into micro-batches, so a micro-batch is padded less; the
+    # pairs of a step, and so its gradient, stay the same.
+    lengths: tuple[int, ...] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -171,6 +175,8 @@ class Schedule:
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         """The `accumulation` micro-batches worker `rank` runs in step `step`."""
         indices = self.step_indices(step)
+        if self.lengths is not None:
+            indices = sorted(indices, key=lambda i: self.lengths[i])  # stable: ties keep step order
         size = self.micro_batch_size
         return [indices[(m * self.num_workers + rank) * size:(m * self.num_workers + rank + 1) * size]
                 for m in range(self.accumulation)]

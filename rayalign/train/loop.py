@@ -133,15 +133,24 @@ def _micro_batch_loss(engine, reference, batch: list[dict], train, pad_id: int):
             ref = pair_logps(reference, batch, pad_id)
         ref_chosen, ref_rejected = ref["chosen"], ref["rejected"]
     else:
-        ref_chosen = torch.tensor([p["ref_chosen_logps"] for p in batch], dtype=torch.float32)
-        ref_rejected = torch.tensor([p["ref_rejected_logps"] for p in batch], dtype=torch.float32)
+        # On the policy's device: on a GPU worker the stored columns must meet CUDA log-probs.
+        device = policy["chosen"].device
+        ref_chosen = torch.tensor([p["ref_chosen_logps"] for p in batch], dtype=torch.float32, device=device)
+        ref_rejected = torch.tensor([p["ref_rejected_logps"] for p in batch], dtype=torch.float32, device=device)
     loss_fn = LOSSES[train.loss]
     options = dict(train.loss_options)
     if "chosen_token_count" in inspect.signature(loss_fn).parameters:  # sft
         options["chosen_token_count"] = policy["chosen_tokens"]
-    losses, metrics = loss_fn(policy["chosen"], policy["rejected"], ref_chosen, ref_rejected, beta=train.beta,
-                              **options)
+    chosen, rejected = policy["chosen"], policy["rejected"]
+    if train.length_normalize:  # per-token log-ratios: policy and reference over the same tokens
+        n_chosen = policy["chosen_tokens"].clamp(min=1).to(chosen.dtype)
+        n_rejected = policy["rejected_tokens"].clamp(min=1).to(rejected.dtype)
+        chosen, rejected = chosen / n_chosen, rejected / n_rejected
+        ref_chosen, ref_rejected = ref_chosen / n_chosen, ref_rejected / n_rejected
+    losses, metrics = loss_fn(chosen, rejected, ref_chosen, ref_rejected, beta=train.beta, **options)
     loss = losses.mean()
+    if train.sft_weight:
+        loss = loss + train.sft_weight * (-policy["chosen"] / policy["chosen_tokens"].clamp(min=1)).mean()
     metrics = {**metrics, "loss": loss, "logps/chosen": policy["chosen"].mean(),
                "logps/rejected": policy["rejected"].mean()}
     row = [float(metrics[k].detach()) for k in _MEANS] + [policy["tokens"]]

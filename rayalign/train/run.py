@@ -63,8 +63,10 @@ def run_train(config: RunConfig) -> dict:
     precision = detect_precision(config)
     prepared = prepare_pairs(config, precision, with_reference=not config.reference.on_the_fly)
     table = pq.read_table(prepared.path)
+    prompt, chosen, rejected = (table.column(c).to_pylist() for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    lengths = tuple(len(p) + max(len(c), len(r)) for p, c, r in zip(prompt, chosen, rejected))
     schedule = Schedule(len(table), train.batch_size, train.micro_batch_size, train.num_workers, train.epochs,
-                        train.seed)
+                        train.seed, lengths=lengths)
     if schedule.total_steps == 0:
         raise ConfigError(f"train.batch_size: ({train.batch_size}) is more than the {len(table)} usable pairs "
                           f"of {train.pairs}")
