@@ -74,5 +74,6 @@ def test_eval_without_data_names_the_key(capsys):
 
 def test_init_model_command(tmp_path, capsys):
     assert main(["init-model", str(tmp_path / "m"), "--tokenizer", "word"]) == 0
-    assert capsys.readouterr().out.strip() == f"wrote a tiny model with a word tokenizer to {tmp_path / 'm'}"
+    # the last line: DeepSpeed, when transformers first imports it in this process, logs a line above
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote a tiny model with a word tokenizer to {tmp_path / 'm'}"
     assert json.loads((tmp_path / "m" / "rayalign_model.json").read_text())["tokenizer"] == "word"
