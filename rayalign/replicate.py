@@ -268,8 +268,9 @@ def markdown(result: dict) -> str:
         failed = f" (failed: seeds {r['failed']})" if r["failed"] else ""
         lines.append(f"| {SET_TITLES[r['set']]} | {LOSS_TITLES[r['loss']]} | {_pts(r['mean_change'])} | {ci} | "
                      f"{per_seed}{failed} |")
-    lines += ["", "### Paired differences within each seed (points; mean, 95% t-interval)", "",
-              "| comparison | mean difference | 95% CI | per seed |", "| --- | --- | --- | --- |"]
+    if result.get("paired"):
+        lines += ["", "### Paired differences within each seed (points; mean, 95% t-interval)", "",
+                  "| comparison | mean difference | 95% CI | per seed |", "| --- | --- | --- | --- |"]
     for d in result.get("paired", []):
         name = lambda cell: f"{SET_TITLES[cell[0]]} {LOSS_TITLES[cell[1]]}"
         ci = "n/a" if d["ci95"] is None else f"{_pts(d['mean'] - d['ci95'])} to {_pts(d['mean'] + d['ci95'])}"
