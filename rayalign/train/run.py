@@ -44,6 +44,8 @@ def run_reference(config: RunConfig) -> Path:
 
 def run_train(config: RunConfig) -> dict:
     """Train the policy with the configured loss on Ray Train + DeepSpeed; returns the summary."""
+    import numpy as np
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import ray
     import ray.train
@@ -63,8 +65,9 @@ def run_train(config: RunConfig) -> dict:
     precision = detect_precision(config)
     prepared = prepare_pairs(config, precision, with_reference=not config.reference.on_the_fly)
     table = pq.read_table(prepared.path)
-    prompt, chosen, rejected = (table.column(c).to_pylist() for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
-    lengths = tuple(len(p) + max(len(c), len(r)) for p, c, r in zip(prompt, chosen, rejected))
+    prompt, chosen, rejected = (pc.list_value_length(table.column(c)).to_numpy()
+                                for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    lengths = tuple((prompt + np.maximum(chosen, rejected)).tolist())
     schedule = Schedule(len(table), train.batch_size, train.micro_batch_size, train.num_workers, train.epochs,
                         train.seed, lengths=lengths)
     if schedule.total_steps == 0:
