@@ -47,7 +47,9 @@ def connect(config: ClusterConfig):
         return ray
     # address="local" starts a new local Ray even when a `ray start` cluster runs on this
     # machine: joining one is explicit (cluster.address: auto, or RAY_ADDRESS).
-    kwargs = {"address": "local", "include_dashboard": False}
+    # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner asks every
+    # second; without it each question fails with a logged warning for the whole training.
+    kwargs = {"address": "local", "include_dashboard": True}
     if config.num_cpus is not None:
         kwargs["num_cpus"] = config.num_cpus
     if config.object_store_memory_gb is not None:
