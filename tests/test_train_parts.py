@@ -228,20 +228,28 @@ def test_dpo_option_is_accepted(tmp_path, tiny_model):
 
 # ---- one micro-batch of the loop, on a plain model ------------------------------------------------
 
-@pytest.mark.parametrize("loss", ["sft", "dpo", "kto"])
-def test_micro_batch_loss_by_hand(tmp_path, tiny_model, tokenizer, loss):
+def policy_and_rows(tiny_model, tokenizer):
+    """The tiny policy, four toy pairs, and its direct log-probs; each row's stored reference is
+    1 nat below the policy on chosen and 2 nats above it on rejected."""
     from transformers import AutoModelForCausalLM
 
     from rayalign.train.forward import pair_logps
-    from rayalign.train.loop import _MEANS, _micro_batch_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     rows = tokenize_pairs(tokenizer, toy_pairs(4), 64, 32).rows
     with torch.no_grad():
         direct = pair_logps(model, rows, tokenizer.pad_token_id)
-    for i, row in enumerate(rows):  # a reference 1 nat below the policy on chosen, 2 above on rejected
+    for i, row in enumerate(rows):
         row["ref_chosen_logps"] = direct["chosen"][i].item() - 1.0
         row["ref_rejected_logps"] = direct["rejected"][i].item() + 2.0
+    return model, rows, direct
+
+
+@pytest.mark.parametrize("loss", ["sft", "dpo", "kto"])
+def test_micro_batch_loss_by_hand(tmp_path, tiny_model, tokenizer, loss):
+    from rayalign.train.loop import _MEANS, _micro_batch_loss
+
+    model, rows, direct = policy_and_rows(tiny_model, tokenizer)
     config = train_config(tmp_path, tiny_model, tmp_path, f"train.loss={loss}")
     value, row = _micro_batch_loss(model, None, rows, config.train, tokenizer.pad_token_id)
 
@@ -260,18 +268,9 @@ def test_micro_batch_loss_by_hand(tmp_path, tiny_model, tokenizer, loss):
 
 
 def test_added_supervised_term_and_length_normalisation_by_hand(tmp_path, tiny_model, tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    from rayalign.train.forward import pair_logps
     from rayalign.train.loop import _MEANS, _micro_batch_loss
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    rows = tokenize_pairs(tokenizer, toy_pairs(4), 64, 32).rows
-    with torch.no_grad():
-        direct = pair_logps(model, rows, tokenizer.pad_token_id)
-    for i, row in enumerate(rows):  # the reference 1 nat below the policy on chosen, 2 above on rejected
-        row["ref_chosen_logps"] = direct["chosen"][i].item() - 1.0
-        row["ref_rejected_logps"] = direct["rejected"][i].item() + 2.0
+    model, rows, direct = policy_and_rows(tiny_model, tokenizer)
     nc, nr = direct["chosen_tokens"].double(), direct["rejected_tokens"].double()
     nll = (-direct["chosen"].double() / nc).mean().item()
     sigmoid = lambda x: 1 / (1 + torch.exp(-x))
