@@ -110,8 +110,8 @@ def run_pipeline(config: RunConfig) -> dict:
 def serve_and_evaluate(config: RunConfig) -> dict:
     """Serve the models, evaluate them through the endpoint, shut the deployment down (unless
     serve.keep); results are reused when the same models were already evaluated the same way."""
-    from rayalign.evaluate import run_eval
     from rayalign.cluster import connect
+    from rayalign.evaluate import run_eval
     from rayalign.serve import serve_models, serve_shutdown
 
     out = Path(config.eval.output)

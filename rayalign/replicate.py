@@ -224,7 +224,7 @@ def paired_differences(cells: list[dict], sets, losses) -> list[dict]:
     same pair set. Only seeds where both cells were evaluated count."""
     acc = {(c["seed"], c["set"], c["loss"]): c["eval"]["accuracy"] for c in cells
            if c.get("eval", {}).get("accuracy") is not None}
-    comparisons = [((("clair", loss), (other, loss))) for loss in losses for other in sets
+    comparisons = [(("clair", loss), (other, loss)) for loss in losses for other in sets
                    if "clair" in sets and other != "clair"]
     comparisons += [((set_name, loss), (set_name, "apo_zero")) for set_name in sets for loss in losses
                     if "apo_zero" in losses and loss != "apo_zero"]
@@ -271,11 +271,11 @@ def markdown(result: dict) -> str:
     if result.get("paired"):
         lines += ["", "### Paired differences within each seed (points; mean, 95% t-interval)", "",
                   "| comparison | mean difference | 95% CI | per seed |", "| --- | --- | --- | --- |"]
-    for d in result.get("paired", []):
         name = lambda cell: f"{SET_TITLES[cell[0]]} {LOSS_TITLES[cell[1]]}"
-        ci = "n/a" if d["ci95"] is None else f"{_pts(d['mean'] - d['ci95'])} to {_pts(d['mean'] + d['ci95'])}"
-        lines.append(f"| {name(d['a'])} - {name(d['b'])} | {_pts(d['mean'])} | {ci} | "
-                     f"{', '.join(_pts(x) for x in d['diffs'])} |")
+        for d in result["paired"]:
+            ci = "n/a" if d["ci95"] is None else f"{_pts(d['mean'] - d['ci95'])} to {_pts(d['mean'] + d['ci95'])}"
+            lines.append(f"| {name(d['a'])} - {name(d['b'])} | {_pts(d['mean'])} | {ci} | "
+                         f"{', '.join(_pts(x) for x in d['diffs'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -104,8 +104,6 @@ def test_schedule_uses_each_pair_once_per_epoch_and_splits_deterministically():
     assert Schedule(35, 8, 2, 2, 3, 8).step_indices(5) != s.step_indices(5)
 
 
-# ---- LR schedule, DeepSpeed config, precision ---------------------------------------------------
-
 def test_schedule_groups_a_steps_pairs_by_length_without_changing_the_step():
     lengths = tuple(int(n) for n in np.random.default_rng(3).integers(10, 200, size=40))
     plain = Schedule(40, 16, 4, 2, 2, seed=5)
@@ -121,6 +119,8 @@ def test_schedule_groups_a_steps_pairs_by_length_without_changing_the_step():
                           for r in range(2) for mb in s.micro_batches(step, r))
     assert width(grouped) < 0.85 * width(plain)
 
+
+# ---- LR schedule, DeepSpeed config, precision ---------------------------------------------------
 
 def test_lr_multiplier_by_hand():
     cosine = engine.lr_multiplier("cosine", warmup_steps=2, total_steps=10)

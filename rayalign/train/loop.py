@@ -125,7 +125,7 @@ def _micro_batch_loss(engine, reference, batch: list[dict], train, pad_id: int):
     import torch
 
     from rayalign.train.forward import pair_logps
-    from rayalign.train.losses import LOSSES
+    from rayalign.train.losses import LOSSES, per_token_nll
 
     policy = pair_logps(engine, batch, pad_id)
     if reference is not None:
@@ -150,7 +150,7 @@ def _micro_batch_loss(engine, reference, batch: list[dict], train, pad_id: int):
     losses, metrics = loss_fn(chosen, rejected, ref_chosen, ref_rejected, beta=train.beta, **options)
     loss = losses.mean()
     if train.sft_weight:
-        loss = loss + train.sft_weight * (-policy["chosen"] / policy["chosen_tokens"].clamp(min=1)).mean()
+        loss = loss + train.sft_weight * per_token_nll(policy["chosen"], policy["chosen_tokens"]).mean()
     metrics = {**metrics, "loss": loss, "logps/chosen": policy["chosen"].mean(),
                "logps/rejected": policy["rejected"].mean()}
     row = [float(metrics[k].detach()) for k in _MEANS] + [policy["tokens"]]

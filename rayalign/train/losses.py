@@ -39,6 +39,11 @@ def sequence_logps(logits, labels, completion_mask):
     return token_logps.sum(-1), mask.sum(-1)
 
 
+def per_token_nll(summed_logps, token_counts):
+    """Mean negative log-likelihood per completion token; a count of 0 counts as 1 (so 0, not NaN)."""
+    return -summed_logps / token_counts.clamp(min=1)
+
+
 def reward_metrics(r_w, r_l):
     """Detached reward statistics. For unequal lengths (unpaired batches) there is no pairing:
     margins is mean(r_w) - mean(r_l) and accuracies is NaN."""
@@ -118,7 +123,7 @@ def sft(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reject
     if chosen_token_count is None:
         raise ValueError("the sft loss needs the option chosen_token_count "
                          "(completion token counts of the chosen sequences)")
-    losses = -policy_chosen_logps / chosen_token_count.clamp(min=1)
+    losses = per_token_nll(policy_chosen_logps, chosen_token_count)
     r_w = beta * (policy_chosen_logps - ref_chosen_logps)
     r_l = beta * (policy_rejected_logps - ref_rejected_logps)
     return losses, reward_metrics(r_w, r_l)
