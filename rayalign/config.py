@@ -328,8 +328,9 @@ class ServeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     # The Serve application's name on the cluster (`rayalign serve status/shutdown` use it).
     app_name: str = "rayalign"
-    # Logical CPUs reserved by each model replica's actor and by the HTTP ingress, on top of
-    # the engine's own bundle (engine.cpus_per_engine); 0 lets them fit on a small machine.
+    # Logical CPUs reserved by each model replica's actor and by the HTTP ingress (several models
+    # only: one model is its own ingress), on top of the engine's own bundle
+    # (engine.cpus_per_engine); 0 lets them fit on a small machine.
     replica_cpus: float = 0.0
     ingress_cpus: float = 0.0
     # How long to wait for the application to run before giving up with Serve's reason.

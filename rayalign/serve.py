@@ -1,16 +1,22 @@
 """Every touch of `ray.serve.llm` lives here: its API moves between Ray releases.
 
-`serve_models` deploys one or more checkpoints side by side, each under its own model name,
-as one Serve application built by `ray.serve.llm:build_openai_app`: vLLM engines behind an
+`serve_models` deploys checkpoints as one Serve application of vLLM engines behind an
 OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, streaming), with
-Serve's health route /-/healthz. The same application arguments are written as a Serve config
-file (`serve deploy FILE`, or the `serveConfigV2` of a KubeRay RayService), so a cluster runs
-exactly what was tested locally.
+Serve's health route /-/healthz:
 
-With `serve.api_key_env` set, the ingress is `KeyedIngress`: ray.serve.llm's own ingress with
-a check in front of every route that answers 401 unless the request carries
-`Authorization: Bearer <key>`. Each ingress replica reads the key from its own environment,
-so the key never appears in a config, a file or a log: only the variable's name does.
+- several models side by side, each under its own name: `ray.serve.llm:build_openai_app`, an
+  ingress deployment that routes each request by its `model` to that model's deployment;
+- one model: `build_app` below, the model's deployment is itself the HTTP ingress and serves
+  vLLM's own OpenAI app; a request crosses one Python process fewer (the ingress), which
+  on a small CPU machine is most of Ray Serve's latency overhead (BENCHMARKS.md).
+
+The same application arguments are written as a Serve config file (`serve deploy FILE`, or the
+`serveConfigV2` of a KubeRay RayService), so a cluster runs exactly what was tested locally.
+
+With `serve.api_key_env` set, every route answers 401 unless the request carries
+`Authorization: Bearer <key>` (`BearerKey`, in front of `KeyedIngress` or `KeyedLLMServer`).
+Each replica reads the key from its own environment, so the key never appears in a config, a
+file or a log: only the variable's name does.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import yaml
 from rayalign.config import RunConfig, ServeConfig
 from rayalign.llm import engine_kwargs, placement
 
-BUILDER = "ray.serve.llm:build_openai_app"
+BUILDER = "ray.serve.llm:build_openai_app"  # several models behind one ingress
+ONE_MODEL_BUILDER = "rayalign.serve:build_app"  # one model as its own ingress
 KEYED_INGRESS = "rayalign.serve:KeyedIngress"
 
 
@@ -71,7 +78,9 @@ def resolve_source(name: str, source: str) -> str:
 
 
 def app_args(serve: ServeConfig, models: dict[str, str]) -> dict:
-    """The arguments of `build_openai_app` as plain data: what is deployed and what is written."""
+    """The arguments of the application builder (`builder(args)`) as plain data: what is
+    deployed and what is written. One model: `{"llm_config", "api_key_env"}` for `build_app`;
+    several: `build_openai_app`'s LLMServingArgs."""
     if not models:
         raise ServeError("no model to serve: give --model NAME=DIR or set serve.models")
     llm_configs = [{
@@ -85,6 +94,8 @@ def app_args(serve: ServeConfig, models: dict[str, str]) -> dict:
             "ray_actor_options": {"num_cpus": serve.replica_cpus},
         },
     } for name, source in models.items()]
+    if len(llm_configs) == 1:
+        return {"llm_config": llm_configs[0], "api_key_env": serve.api_key_env}
     args = {"llm_configs": llm_configs,
             "ingress_deployment_config": {"ray_actor_options": {"num_cpus": serve.ingress_cpus}}}
     if serve.api_key_env:
@@ -98,8 +109,28 @@ def deploy_file(serve: ServeConfig, args: dict) -> dict:
     return {
         # A cluster's proxy must listen beyond loopback to be reachable.
         "http_options": {"host": "0.0.0.0", "port": serve.port},
-        "applications": [{"name": serve.app_name, "route_prefix": "/", "import_path": BUILDER, "args": args}],
+        "applications": [{"name": serve.app_name, "route_prefix": "/", "import_path": builder(args), "args": args}],
     }
+
+
+def builder(args: dict) -> str:
+    """The import path of the application builder that takes `args` (see app_args)."""
+    return ONE_MODEL_BUILDER if "llm_config" in args else BUILDER
+
+
+def build_app(args: dict):
+    """Serve application builder for one model (import path ONE_MODEL_BUILDER): the model's
+    LLMServer deployment is the HTTP ingress itself and serves vLLM's OpenAI app, so Serve's
+    proxy hands each request straight to the replica that runs the engine. Autoscaling,
+    replicas and resources are the model's own deployment_config, as with several models."""
+    from ray import serve
+    from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
+
+    key_env = args.get("api_key_env")
+    server = _keyed_server() if key_env else LLMServer
+    return build_llm_deployment(LLMConfig.model_validate(args["llm_config"]), name_prefix="LLMServer:",
+                                bind_kwargs={"api_key_env": key_env} if key_env else None,
+                                deployment_cls=serve.ingress()(server))
 
 
 def write_deploy_file(path: Path, serve: ServeConfig, args: dict) -> Path:
@@ -108,9 +139,11 @@ def write_deploy_file(path: Path, serve: ServeConfig, args: dict) -> Path:
         "Written by `rayalign serve`; it deploys what that command deployed.",
         "model_source paths must be readable on the cluster's nodes (shared storage, or use a hub/s3 name).",
     ]
+    if builder(args) != BUILDER or serve.api_key_env:
+        notes += ["The application needs rayalign importable on the cluster (e.g. runtime_env pip)."]
     if serve.api_key_env:
-        notes += [f"The ingress needs rayalign importable on the cluster (e.g. runtime_env pip) and the API key",
-                  f"in the environment variable {serve.api_key_env} of every node (e.g. from a Kubernetes secret)."]
+        notes += [f"The API key must be in the environment variable {serve.api_key_env} of every node "
+                  f"(e.g. from a Kubernetes secret)."]
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(f"# {line}\n" for line in notes) + yaml.safe_dump(deploy_file(serve, args), sort_keys=False)
     path.write_text(text, encoding="utf-8")
@@ -151,11 +184,12 @@ def serve_models(config: RunConfig, models: dict[str, str], detach: bool) -> dic
 
     from rayalign.cluster import connect
 
+    build = build_app if builder(args) == ONE_MODEL_BUILDER else build_openai_app
     owns_ray = not address and not ray.is_initialized()
     connect(config.cluster)
     started = time.perf_counter()
     serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
-    _run_with_timeout(serve, build_openai_app(args), serve_cfg)
+    _run_with_timeout(serve, build(args), serve_cfg)
     url = base_url(serve_cfg)
     served = _listed_models(url, key, serve_cfg.ready_timeout_s)
     if sorted(served) != sorted(models):
@@ -299,6 +333,14 @@ class BearerKey:
         return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.key)
 
 
+def _key_from(api_key_env: str) -> str:
+    key = os.environ.get(api_key_env)
+    if not key:
+        raise RuntimeError(f"the environment variable {api_key_env} (serve.api_key_env) is not set "
+                           f"on this Serve node; set it where Ray runs (ray start, pod env)")
+    return key
+
+
 @functools.cache
 def _keyed_ingress():
     from ray.serve.llm.ingress import OpenAiIngress
@@ -308,10 +350,7 @@ def _keyed_ingress():
 
         def __init__(self, *args, api_key_env: str, **kwargs):
             super().__init__(*args, **kwargs)
-            self._api_key = os.environ.get(api_key_env)
-            if not self._api_key:
-                raise RuntimeError(f"the environment variable {api_key_env} (serve.api_key_env) is not set "
-                                   f"on this Serve node; set it where Ray runs (ray start, pod env)")
+            self._api_key = _key_from(api_key_env)
 
         def __serve_build_asgi_app__(self):
             # Called by the replica after __init__, before the app serves its first request:
@@ -323,9 +362,34 @@ def _keyed_ingress():
     return KeyedIngress
 
 
+@functools.cache
+def _keyed_server():
+    from ray.serve.llm import LLMServer
+
+    class KeyedLLMServer(LLMServer):
+        """One model's LLMServer as its own ingress, with BearerKey in front of vLLM's routes."""
+
+        async def __init__(self, llm_config, *, api_key_env: str, **kwargs):
+            self._api_key = _key_from(api_key_env)  # before the engine starts: fail fast
+            await super().__init__(llm_config, **kwargs)
+
+        async def __serve_build_asgi_app__(self):
+            app = await super().__serve_build_asgi_app__()
+            # vLLM builds its middleware stack eagerly; dropping it makes Starlette rebuild it
+            # on the first request, with BearerKey outermost.
+            app.middleware_stack = None
+            app.add_middleware(BearerKey, key=self._api_key)
+            return app
+
+    KeyedLLMServer.__module__ = __name__
+    return KeyedLLMServer
+
+
 def __getattr__(name: str):
     # Serve imports the ingress by path (KEYED_INGRESS); building it imports vLLM (~10 s),
     # so `rayalign serve status` and `import rayalign.serve` stay fast.
     if name == "KeyedIngress":
         return _keyed_ingress()
+    if name == "KeyedLLMServer":
+        return _keyed_server()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

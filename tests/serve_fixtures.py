@@ -6,12 +6,19 @@ Test modules load it with `pytest_plugins = ["tests.serve_fixtures"]`: a session
 imported into two modules would be two fixtures, and the deployment would start twice.
 """
 
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
 import pytest
 import yaml
 
 from tests.conftest import SERVER_KEY, free_port
 
 KEY_ENV = "RAYALIGN_TEST_KEY"
+ADD = [{"role": "user", "content": "add: 1 2 3 + 4 5 6"}]
 # No torch.compile warm-up: saves ~20 s per engine start here.
 ENGINE = {"dtype": "float32", "max_model_len": 1024, "gpu_memory_utilization": 0.1,
           "engine_args": {"enforce_eager": True}}
@@ -36,3 +43,31 @@ def served(tiny_model, student, ray_session, tmp_path_factory):
     info = serve_models(config, models, detach=True)
     yield {**info, "config": config, "config_path": path, "key": SERVER_KEY, "sources": models}
     serve_shutdown(config)
+
+
+def client(served, key=SERVER_KEY):
+    return openai.OpenAI(base_url=served["base_url"], api_key=key, max_retries=0, timeout=120)
+
+
+def http(served, method, path, body=None, key=SERVER_KEY, raw=None):
+    """(status, parsed JSON or text) of one request; 4xx/5xx are returned, not raised."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(served["url"] + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def leaked_key_files(ray_session) -> list[str]:
+    """Files under this Ray session's logs that hold the API key (expected: none)."""
+    logs = Path(ray_session._private.worker._global_node.get_session_dir_path()) / "logs"
+    return [p.name for p in logs.rglob("*") if p.is_file() and SERVER_KEY.encode() in p.read_bytes()]

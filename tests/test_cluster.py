@@ -238,20 +238,19 @@ def test_rayservice_serves_what_rayalign_serve_deploys(tmp_path):
 
     applications = yaml.safe_load(spec["serveConfigV2"])["applications"]
     (app,) = applications
-    assert app["import_path"] == serve.BUILDER
+    assert app["import_path"] == serve.ONE_MODEL_BUILDER
     # What `rayalign serve` would deploy for the paper config, up to the checkpoint's location.
     paper = load_config(PAPER)
-    checkpoint = Path(app["args"]["llm_configs"][0]["model_loading_config"]["model_source"])
+    checkpoint = Path(app["args"]["llm_config"]["model_loading_config"]["model_source"])
     assert checkpoint == Path(paper.run_dir) / "train" / "final"
     local = tmp_path / "final"
     local.mkdir()
     (local / "config.json").write_text("{}")
     expected = serve.deploy_file(paper.serve, serve.app_args(paper.serve, {"aligned": str(local)}))["applications"][0]
-    expected["args"]["llm_configs"][0]["model_loading_config"]["model_source"] = str(checkpoint)
+    expected["args"]["llm_config"]["model_loading_config"]["model_source"] = str(checkpoint)
     assert app == expected
-    ingress = app["args"]["ingress_cls_config"]
-    assert ingress["ingress_cls"] == serve.KEYED_INGRESS
-    key_env = ingress["ingress_extra_kwargs"]["api_key_env"]
+    key_env = app["args"]["api_key_env"]
+    assert key_env == paper.serve.api_key_env
     assert all(key_env in {e["name"] for e in c["env"] if "valueFrom" in e} for c in containers(cluster))
 
 

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -18,33 +17,11 @@ import yaml
 from rayalign.config import load_config
 from rayalign.serve import BearerKey, ServeError, app_args, parse_models, serve_models, serve_status
 from tests.conftest import SERVER_KEY
+from tests.serve_fixtures import ADD, client, http, leaked_key_files
 
-ADD = [{"role": "user", "content": "add: 1 2 3 + 4 5 6"}]
 integration = pytest.mark.integration
 # The shared deployment (`served`), loaded as a plugin so that it starts once per session.
 pytest_plugins = ["tests.serve_fixtures"]
-
-
-def client(served, key=SERVER_KEY):
-    return openai.OpenAI(base_url=served["base_url"], api_key=key, max_retries=0, timeout=120)
-
-
-def http(served, method, path, body=None, key=SERVER_KEY, raw=None):
-    """(status, parsed JSON or text) of one request; 4xx/5xx are returned, not raised."""
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(served["url"] + path, data=data, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            status, text = response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        status, text = exc.code, exc.read().decode()
-    try:
-        return status, json.loads(text)
-    except json.JSONDecodeError:
-        return status, text
 
 
 # ---- without a deployment --------------------------------------------------------------------
@@ -138,9 +115,7 @@ def test_api_key_is_required_and_never_logged(served, ray_session):
 
     written = Path(served["config_file"]).read_text()
     assert SERVER_KEY not in written and served["api_key_env"] in written
-    logs = Path(ray_session._private.worker._global_node.get_session_dir_path()) / "logs"
-    leaked = [p.name for p in logs.rglob("*") if p.is_file() and SERVER_KEY.encode() in p.read_bytes()]
-    assert leaked == [], f"the API key appears in Ray's logs: {leaked}"
+    assert leaked_key_files(ray_session) == []
 
 
 BAD_REQUESTS = [

@@ -1,0 +1,96 @@
+"""One model served on real Ray Serve over HTTP: its LLMServer deployment is the ingress itself
+(`rayalign.serve:build_app`), with the API key, bad requests and the written Serve config.
+
+Serve routes one application per prefix, and this one, like the shared two-model deployment of
+test_serve.py and test_eval.py, is served at "/": this module's name sorts before theirs, so it
+has shut its application down before that one starts."""
+
+import json
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from rayalign.serve import ONE_MODEL_BUILDER, app_args, build_app, serve_shutdown, serve_status
+from tests.conftest import SERVER_KEY, free_port
+from tests.serve_fixtures import ADD, ENGINE, KEY_ENV, client, http, leaked_key_files
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def solo(tiny_model, ray_session, tmp_path_factory):
+    from rayalign.config import load_config
+    from rayalign.serve import serve_models
+
+    run = tmp_path_factory.mktemp("solo_run")
+    port = free_port()
+    raw = {"run_dir": str(run), "cluster": {"address": ray_session.get_runtime_context().gcs_address},
+           "serve": {"port": port, "api_key_env": KEY_ENV, "app_name": f"rayalign-solo-{port}",
+                     "ready_timeout_s": 500, "engine": ENGINE}}
+    (run / "run.yaml").write_text(yaml.safe_dump(raw))
+    config = load_config(run / "run.yaml")
+    info = serve_models(config, {"solo": str(tiny_model)}, detach=True)
+    yield {**info, "config": config, "source": str(tiny_model)}
+    serve_shutdown(config)
+
+
+def test_one_model_is_its_own_ingress_and_answers_the_openai_api(solo):
+    deployments = serve_status(solo["config"])["deployments"]
+    assert {name: d["replicas"] for name, d in deployments.items()} == {"LLMServer:solo": {"RUNNING": 1}}
+
+    c = client(solo)
+    assert [m.id for m in c.models.list().data] == ["solo"]
+    chat = c.chat.completions.create(model="solo", messages=ADD, max_tokens=8, temperature=0)
+    text = chat.choices[0].message.content
+    assert chat.model == "solo" and chat.usage.completion_tokens >= 1 and text
+    stream = c.chat.completions.create(model="solo", messages=ADD, max_tokens=8, temperature=0, stream=True)
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len(pieces) >= 2 and "".join(pieces) == text, "streamed greedy answer = plain greedy answer"
+    completion = c.completions.create(model="solo", prompt="hello world", max_tokens=6, temperature=0)
+    assert completion.choices[0].text and completion.usage.prompt_tokens >= 2
+
+
+def test_one_model_requires_the_key_and_never_logs_it(solo, ray_session):
+    for key in (None, "sk-wrong-key", SERVER_KEY + "x"):
+        status, body = http(solo, "GET", "/v1/models", key=key)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        status, body = http(solo, "POST", "/v1/chat/completions", {"model": "solo", "messages": ADD}, key=key)
+        assert status == 401 and SERVER_KEY not in json.dumps(body)
+    with pytest.raises(openai.AuthenticationError):
+        client(solo, key="sk-wrong-key").chat.completions.create(model="solo", messages=ADD, max_tokens=2)
+    assert leaked_key_files(ray_session) == []
+
+
+BAD_REQUESTS = [
+    ("malformed JSON", "/v1/chat/completions", None, b'{"model": "solo", "messages": [', 400, "JSON"),
+    ("unknown model", "/v1/chat/completions", {"model": "nope", "messages": ADD}, None, 404, "nope"),
+    ("prompt longer than the context", "/v1/completions",
+     {"model": "solo", "prompt": "hello world " * 1500, "max_tokens": 4}, None, 400, "maximum context length"),
+    ("negative max_tokens", "/v1/chat/completions",
+     {"model": "solo", "messages": ADD, "max_tokens": -1}, None, 400, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,raw,status,message", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_one_model_bad_request_gets_a_4xx_and_it_keeps_serving(solo, name, path, body, raw, status, message):
+    got, answer = http(solo, "POST", path, body, raw=raw)
+    assert got == status, answer
+    assert message in json.dumps(answer), answer
+    ok = client(solo).chat.completions.create(model="solo", messages=ADD, max_tokens=3, temperature=0)
+    assert ok.choices[0].message.content
+
+
+def test_one_model_written_serve_config_deploys_the_same_app(solo):
+    from ray.serve.schema import ServeDeploySchema
+
+    text = Path(solo["config_file"]).read_text()
+    assert SERVER_KEY not in text and KEY_ENV in text
+    (app,) = ServeDeploySchema.model_validate(yaml.safe_load(text)).applications
+    assert app.import_path == ONE_MODEL_BUILDER and app.name == solo["app"]
+    assert app.args == app_args(solo["config"].serve, {"solo": solo["source"]})
+    assert app.args["llm_config"]["model_loading_config"] == {"model_id": "solo",
+                                                              "model_source": str(Path(solo["source"]).resolve())}
+    assert app.args["api_key_env"] == KEY_ENV
+    assert build_app(app.args) is not None  # the keyed server class imports by its path
