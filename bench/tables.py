@@ -48,15 +48,24 @@ def training(r: dict) -> str:
 
 
 def serving(r: dict) -> str:
-    out = ["| server | requests/s | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
+    out = ["| server | requests/s | mean ms | p50 ms | p99 ms | one request alone, 1 token: p50 ms |",
+           "| --- | --- | --- | --- | --- | --- |"]
     for key, label in (("vllm_serve", "vLLM's OpenAI server"), ("rayalign_serve", "rayalign serve (Ray Serve)")):
         x = r[key]
-        out.append(f"| {label} | {x['requests_per_s']} | {x['p50_ms']} | {x['p99_ms']} |")
+        out.append(f"| {label} | {x['requests_per_s']} | {x['mean_ms']} | {x['p50_ms']} | {x['p99_ms']} | "
+                   f"{x['one_token_alone_p50_ms']} |")
     ratios = r["ratios"]
+    requests = r["rounds"]["vllm_serve"][0]["load"]["requests"]
     out += ["", f"- rayalign / vLLM throughput: **{ratios['throughput_vs_vllm']:.2f}x**; p50 overhead "
-            f"**{ratios['p50_overhead_ms']} ms**, p99 overhead {ratios['p99_overhead_ms']} ms",
-            f"- {r['concurrency']} concurrent clients, {r['vllm_serve']['requests']} requests of "
-            f"{r['max_tokens']} tokens each"]
+            f"**{ratios['p50_overhead_ms']} ms**, mean {ratios['mean_overhead_ms']} ms, p99 "
+            f"{ratios['p99_overhead_ms']} ms; one request "
+            f"alone: p50 overhead **{ratios['one_token_alone_p50_overhead_ms']} ms**",
+            f"- medians of {len(r['rounds']['vllm_serve'])} rounds; each: {r['concurrency']} concurrent clients, "
+            f"{requests} requests of {r['max_tokens']} tokens, then {requests} requests of 1 token one at a time",
+            "- per round (requests/s, p50 ms): "
+            + "; ".join(f"{label} " + ", ".join(f"{x['load']['requests_per_s']} / {x['load']['p50_ms']}"
+                                               for x in r["rounds"][key])
+                        for key, label in (("vllm_serve", "vLLM"), ("rayalign_serve", "rayalign")))]
     return "\n".join(out)
 
 
