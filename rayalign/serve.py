@@ -7,8 +7,8 @@ Serve's health route /-/healthz:
 - several models side by side, each under its own name: `ray.serve.llm:build_openai_app`, an
   ingress deployment that routes each request by its `model` to that model's deployment;
 - one model: `build_app` below, the model's deployment is itself the HTTP ingress and serves
-  vLLM's own OpenAI app; a request crosses one Python process fewer (the ingress), which
-  on a small CPU machine is most of Ray Serve's latency overhead (BENCHMARKS.md).
+  vLLM's own OpenAI app; a request crosses one Python process fewer (the ingress), about
+  half of what Ray Serve adds to a request alone on a small CPU machine (BENCHMARKS.md).
 
 The same application arguments are written as a Serve config file (`serve deploy FILE`, or the
 `serveConfigV2` of a KubeRay RayService), so a cluster runs exactly what was tested locally.
@@ -139,7 +139,7 @@ def write_deploy_file(path: Path, serve: ServeConfig, args: dict) -> Path:
         "Written by `rayalign serve`; it deploys what that command deployed.",
         "model_source paths must be readable on the cluster's nodes (shared storage, or use a hub/s3 name).",
     ]
-    if builder(args) != BUILDER or serve.api_key_env:
+    if builder(args) == ONE_MODEL_BUILDER or serve.api_key_env:
         notes += ["The application needs rayalign importable on the cluster (e.g. runtime_env pip)."]
     if serve.api_key_env:
         notes += [f"The API key must be in the environment variable {serve.api_key_env} of every node "
