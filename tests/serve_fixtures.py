@@ -71,3 +71,35 @@ def leaked_key_files(ray_session) -> list[str]:
     """Files under this Ray session's logs that hold the API key (expected: none)."""
     logs = Path(ray_session._private.worker._global_node.get_session_dir_path()) / "logs"
     return [p.name for p in logs.rglob("*") if p.is_file() and SERVER_KEY.encode() in p.read_bytes()]
+
+
+def check_key_required(served, model: str) -> None:
+    """401 with a missing, wrong or extended key, on a GET and a POST route; the key in no answer."""
+    for key in (None, "sk-wrong-key", SERVER_KEY + "x"):
+        status, body = http(served, "GET", "/v1/models", key=key)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key", (key, status, body)
+        status, body = http(served, "POST", "/v1/chat/completions", {"model": model, "messages": ADD}, key=key)
+        assert status == 401 and SERVER_KEY not in json.dumps(body), (key, status, body)
+    with pytest.raises(openai.AuthenticationError):
+        client(served, key="sk-wrong-key").chat.completions.create(model=model, messages=ADD, max_tokens=2)
+
+
+def bad_requests(model: str, unknown_model_message: str) -> list[tuple]:
+    """(name, path, JSON body, raw body, expected status, text in the answer) of requests to refuse."""
+    return [
+        ("malformed JSON", "/v1/chat/completions", None, b'{"model": "%s", "messages": [' % model.encode(), 400, "JSON"),
+        ("unknown model", "/v1/chat/completions", {"model": "nope", "messages": ADD}, None, 404, unknown_model_message),
+        ("prompt longer than the context", "/v1/completions",
+         {"model": model, "prompt": "hello world " * 1500, "max_tokens": 4}, None, 400, "maximum context length"),
+        ("negative max_tokens", "/v1/chat/completions",
+         {"model": model, "messages": ADD, "max_tokens": -1}, None, 400, "max_tokens"),
+        ("missing messages", "/v1/chat/completions", {"model": model}, None, 400, "messages"),
+    ]
+
+
+def check_refused_then_served(served, model, path, body, raw, status, message) -> None:
+    """The bad request gets its 4xx and message; the next good request is answered."""
+    got, answer = http(served, "POST", path, body, raw=raw)
+    assert got == status and message in json.dumps(answer), (got, answer)
+    ok = client(served).chat.completions.create(model=model, messages=ADD, max_tokens=3, temperature=0)
+    assert ok.choices[0].message.content

@@ -5,16 +5,15 @@ Serve routes one application per prefix, and this one, like the shared two-model
 test_serve.py and test_eval.py, is served at "/": this module's name sorts before theirs, so it
 has shut its application down before that one starts."""
 
-import json
 from pathlib import Path
 
-import openai
 import pytest
 import yaml
 
 from rayalign.serve import ONE_MODEL_BUILDER, app_args, build_app, serve_shutdown, serve_status
 from tests.conftest import SERVER_KEY, free_port
-from tests.serve_fixtures import ADD, ENGINE, KEY_ENV, client, http, leaked_key_files
+from tests.serve_fixtures import (ADD, ENGINE, KEY_ENV, bad_requests, check_key_required,
+                                   check_refused_then_served, client, leaked_key_files)
 
 pytestmark = pytest.mark.integration
 
@@ -53,33 +52,16 @@ def test_one_model_is_its_own_ingress_and_answers_the_openai_api(solo):
 
 
 def test_one_model_requires_the_key_and_never_logs_it(solo, ray_session):
-    for key in (None, "sk-wrong-key", SERVER_KEY + "x"):
-        status, body = http(solo, "GET", "/v1/models", key=key)
-        assert status == 401 and body["error"]["code"] == "invalid_api_key"
-        status, body = http(solo, "POST", "/v1/chat/completions", {"model": "solo", "messages": ADD}, key=key)
-        assert status == 401 and SERVER_KEY not in json.dumps(body)
-    with pytest.raises(openai.AuthenticationError):
-        client(solo, key="sk-wrong-key").chat.completions.create(model="solo", messages=ADD, max_tokens=2)
+    check_key_required(solo, "solo")
     assert leaked_key_files(ray_session) == []
 
 
-BAD_REQUESTS = [
-    ("malformed JSON", "/v1/chat/completions", None, b'{"model": "solo", "messages": [', 400, "JSON"),
-    ("unknown model", "/v1/chat/completions", {"model": "nope", "messages": ADD}, None, 404, "nope"),
-    ("prompt longer than the context", "/v1/completions",
-     {"model": "solo", "prompt": "hello world " * 1500, "max_tokens": 4}, None, 400, "maximum context length"),
-    ("negative max_tokens", "/v1/chat/completions",
-     {"model": "solo", "messages": ADD, "max_tokens": -1}, None, 400, "max_tokens"),
-]
+BAD_REQUESTS = bad_requests("solo", unknown_model_message="The model `nope` does not exist")
 
 
 @pytest.mark.parametrize("name,path,body,raw,status,message", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_one_model_bad_request_gets_a_4xx_and_it_keeps_serving(solo, name, path, body, raw, status, message):
-    got, answer = http(solo, "POST", path, body, raw=raw)
-    assert got == status, answer
-    assert message in json.dumps(answer), answer
-    ok = client(solo).chat.completions.create(model="solo", messages=ADD, max_tokens=3, temperature=0)
-    assert ok.choices[0].message.content
+    check_refused_then_served(solo, "solo", path, body, raw, status, message)
 
 
 def test_one_model_written_serve_config_deploys_the_same_app(solo):
