@@ -89,11 +89,11 @@ def measure(base_url: str, prompts: list[str], args) -> dict:
 
 def bench_vllm(model: str, prompts: list[str], args) -> dict:
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
-           "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", ENGINE["dtype"], "--max-model-len",
-           str(ENGINE["max_model_len"]), "--gpu-memory-utilization", str(ENGINE["gpu_memory_utilization"]),
+    cmd = ["nice", "-n", str(SERVER_NICENESS), sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+           "--model", model, "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", ENGINE["dtype"], "--max-model-len", str(ENGINE["max_model_len"]),
+           "--gpu-memory-utilization", str(ENGINE["gpu_memory_utilization"]),
            "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048"]
-    cmd = ["nice", "-n", str(SERVER_NICENESS), *cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health")
@@ -127,9 +127,7 @@ def median(rounds: list[dict], part: str, key: str) -> float:
 
 
 def summary(rounds: list[dict]) -> dict:
-    return {"requests_per_s": median(rounds, "load", "requests_per_s"), "mean_ms": median(rounds, "load", "mean_ms"),
-            "p50_ms": median(rounds, "load", "p50_ms"),
-            "p99_ms": median(rounds, "load", "p99_ms"),
+    return {**{key: median(rounds, "load", key) for key in ("requests_per_s", "mean_ms", "p50_ms", "p99_ms")},
             "one_token_alone_p50_ms": median(rounds, "one_token_alone", "p50_ms")}
 
 
