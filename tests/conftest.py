@@ -49,6 +49,9 @@ def ray_session():
     Serve and Train workers can be placed together."""
     import ray
 
+    from rayalign.cluster import haproxy_env
+
+    os.environ.update(haproxy_env())  # Serve's HTTP ingress is HAProxy, as on a Ray that rayalign starts
     ray.init(num_cpus=8, object_store_memory=1024**3, include_dashboard=False)
     yield ray
     ray.shutdown()

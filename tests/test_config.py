@@ -131,3 +131,21 @@ def test_engine_resources_and_placement(monkeypatch):
     with pytest.raises(ConfigError, match=r"^run_dir: 'runs/default' must be absolute .* when running as a Ray Job$"):
         check_shared_paths(config)
     check_shared_paths(load_config(None, ["run_dir=/mnt/shared/run", "train.storage_path=s3://bucket/ckpt"]))
+
+
+def test_haproxy_env_gives_each_ray_its_own_files_and_ports(monkeypatch):
+    from rayalign.cluster import HAPROXY, haproxy_env
+
+    monkeypatch.delenv(HAPROXY, raising=False)
+    first, second = haproxy_env(), haproxy_env()
+    assert first[HAPROXY] == "1"
+    base = first["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+    assert Path(base).is_dir() and base != second["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+    assert first["RAY_SERVE_HAPROXY_SOCKET_PATH"] == f"{base}/admin.sock"
+    # Serve puts the node id (56 hex digits) between the directory and the file; HAProxy caps a socket path at 97.
+    assert len(f"{base}/{'0' * 56}/admin.sock") <= 97
+    ports = {int(env[key]) for env in (first, second)
+             for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")}
+    assert len(ports) == 4 and not ports & {8404, 9101}
+    monkeypatch.setenv(HAPROXY, "0")  # the user's choice: Serve's Python proxy
+    assert haproxy_env() == {}

@@ -7,6 +7,7 @@ has shut its application down before that one starts."""
 
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -49,6 +50,15 @@ def test_one_model_is_its_own_ingress_and_answers_the_openai_api(solo):
     assert len(pieces) >= 2 and "".join(pieces) == text, "streamed greedy answer = plain greedy answer"
     completion = c.completions.create(model="solo", prompt="hello world", max_tokens=6, temperature=0)
     assert completion.choices[0].text and completion.usage.prompt_tokens >= 2
+
+
+def test_haproxy_holds_the_serve_port(solo):
+    """Serve's HTTP ingress on a Ray that rayalign starts (as the session's Ray here) is HAProxy,
+    not the Python proxy actor."""
+    port = solo["config"].serve.port
+    owners = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
+              if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
+    assert owners == {"haproxy"}
 
 
 def test_one_model_requires_the_key_and_never_logs_it(solo, ray_session):

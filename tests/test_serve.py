@@ -144,9 +144,11 @@ def _replica(app: str, deployment: str) -> psutil.Process:
     """This session's replica process (a descendant of this test process) of one deployment."""
     title = f"ray::ServeReplica:{app}:{deployment}"
     mine = {p.pid for p in psutil.Process().children(recursive=True)}
-    found = [p for p in psutil.process_iter(["pid", "name", "cmdline"])
-             if p.pid in mine and (p.info["cmdline"] or [""])[0].strip() == title]
-    assert len(found) == 1, f"expected one {title} process, found {len(found)}"
+    # While it runs one of its methods, Ray titles the process "<title>.<method>".
+    titles = {p.pid: (p.info["cmdline"] or [""])[0].strip() for p in psutil.process_iter(["pid", "cmdline"])
+              if p.pid in mine}
+    found = [psutil.Process(pid) for pid, t in titles.items() if t == title or t.startswith(title + ".")]
+    assert len(found) == 1, f"expected one {title} process, found {len(found)}: {sorted(titles.values())}"
     return found[0]
 
 
