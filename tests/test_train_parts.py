@@ -4,6 +4,7 @@ against a direct transformers computation, and config checks that fail before Ra
 
 import json
 import math
+import subprocess
 
 import numpy as np
 import pytest
@@ -288,3 +289,23 @@ def test_added_supervised_term_and_length_normalisation_by_hand(tmp_path, tiny_m
 
     with pytest.raises(ConfigError, match=r"^train\.sft_weight: applies to preference losses"):
         train_config(tmp_path, tiny_model, tmp_path, "train.loss=sft", "train.sft_weight=1")
+
+
+def test_zero3_partitions_the_policy_as_it_loads(tmp_path, tiny_model):
+    """Two real DeepSpeed processes: under ZeRO-3 each holds half of the policy from the moment it
+    loads (never the whole model), the gathered weights are the checkpoint's, and a reference
+    model loaded afterwards (reference.on_the_fly) is whole."""
+    from tests.conftest import PYTHON, ROOT, free_port
+
+    done = subprocess.run([PYTHON, str(ROOT / "tests" / "zero3_load.py"), str(tiny_model), str(tmp_path),
+                           str(free_port())], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    from transformers import AutoModelForCausalLM
+
+    whole = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model).parameters())
+    for held in ranks:
+        assert held["partitioned"] and held["visible"] == 0, "parameters are placeholders outside ZeRO-3's gather"
+        assert held["whole"] == whole
+        assert whole / 2 <= held["local"] <= whole / 2 + held["count"]  # half of each tensor, rounded up
+        assert held["embed_equal"] and held["reference_visible"] == whole and not held["zero3_after_load"]

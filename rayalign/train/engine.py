@@ -116,13 +116,28 @@ def load_model(path: str, precision: str, trainable: bool):
     return model
 
 
+def load_policy(train: TrainConfig, precision: str, ds_config: dict):
+    """The trainable policy. Under ZeRO-3 it is partitioned across the workers as it loads
+    (transformers runs from_pretrained inside deepspeed.zero.Init while an HfDeepSpeedConfig
+    lives), so no worker ever holds the whole model; torch.distributed must be initialised."""
+    if train.zero_stage != 3:
+        return load_model(train.model, precision, trainable=True)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    zero3 = HfDeepSpeedConfig(ds_config)
+    model = load_model(train.model, precision, trainable=True)
+    del zero3  # transformers holds it weakly: a reference model loaded later (on the fly) loads whole
+    return model
+
+
 def build_engine(train: TrainConfig, precision: str, total_steps: int):
     """deepspeed.initialize over the policy with AdamW and the warmup schedule."""
     import deepspeed
     import torch
 
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    model = load_model(train.model, precision, trainable=True)
+    ds_config = deepspeed_config(train, precision)
+    model = load_policy(train, precision, ds_config)
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train.lora.enabled:
@@ -132,7 +147,7 @@ def build_engine(train: TrainConfig, precision: str, total_steps: int):
     factor = lr_multiplier(train.lr_schedule, warmup_steps(train, total_steps), total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(train, precision))
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine
 
 

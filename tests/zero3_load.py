@@ -1,0 +1,48 @@
+"""Run as a script by test_train_parts: two processes (gloo, CPU) load the policy with
+rayalign.train.engine.load_policy under ZeRO-3, then a frozen model as the on-the-fly reference is
+loaded, and each process writes what it holds to <out>/rank<r>.json.
+
+Usage: python tests/zero3_load.py MODEL_DIR OUT_DIR PORT"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+
+def worker(rank: int, model: str, out: str, port: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_SIZE="2", CUDA_VISIBLE_DEVICES="")
+    import deepspeed
+    import torch
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from rayalign.config import load_config
+    from rayalign.train.engine import deepspeed_config, load_model, load_policy
+
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    deepspeed.init_distributed(dist_backend="gloo")
+    train = load_config(None, [f"train.model={model}", "train.zero_stage=3", "train.batch_size=2",
+                               "train.micro_batch_size=1", "train.num_workers=2"]).train
+    policy = load_policy(train, "fp32", deepspeed_config(train, "fp32"))
+    params = list(policy.parameters())
+    held = {"partitioned": all(hasattr(p, "ds_tensor") for p in params),
+            "local": sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor")),
+            "whole": sum(p.ds_numel for p in params if hasattr(p, "ds_numel")),
+            "visible": sum(p.numel() for p in params), "count": len(params),
+            "zero3_after_load": is_deepspeed_zero3_enabled()}
+    # The policy's weights, gathered, equal the checkpoint's.
+    name, param = "model.embed_tokens.weight", dict(policy.named_parameters())["model.embed_tokens.weight"]
+    with deepspeed.zero.GatheredParameters([param]):
+        gathered = param.detach().clone()
+    reference = load_model(model, "fp32", trainable=False)
+    held["reference_visible"] = sum(p.numel() for p in reference.parameters())
+    held["embed_equal"] = bool(torch.equal(gathered, dict(reference.named_parameters())[name]))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(held))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=tuple(sys.argv[1:4]), nprocs=2, join=True)
