@@ -5,8 +5,9 @@ requests/s and p50/p99 latency of chat completions through the `openai` client, 
 warm-up. Then, on the same server, one request at a time asking for one token: what the
 serving path itself adds to a request, with no decoding and no batching to hide it.
 
-The two servers take turns, each alone on the machine (rayalign's Ray is stopped before vLLM's
-server starts), for --rounds rounds; the summary is the median over rounds, and every round is
+Each server is a command in a process of its own (`python -m vllm.entrypoints.openai.api_server`,
+`rayalign serve` with the local Ray it starts), and this process only generates the load. The two
+servers take turns, each alone on the machine, for --rounds rounds; the summary is the median over rounds, and every round is
 kept in the JSON (this machine is shared and noisy).
 
 Usage: python bench/serve_latency.py [--rounds 2] [--requests 128] [--concurrency 8] [--max-tokens 32]
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -27,6 +29,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from rayalign.cluster import haproxy_wanted
 
 ENGINE = {"dtype": "bfloat16", "max_model_len": 512, "gpu_memory_utilization": 0.2}
 # Ray's raylet starts every worker process, so Serve's replicas and the vLLM engine under them,
@@ -82,9 +86,27 @@ async def load(base_url: str, model: str, prompts: list[str], concurrency: int, 
             "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1)}
 
 
-def measure(base_url: str, prompts: list[str], args) -> dict:
-    return {"load": asyncio.run(load(base_url, "bench", prompts, args.concurrency, args.max_tokens)),
-            "one_token_alone": asyncio.run(load(base_url, "bench", prompts, 1, 1))}
+def engine_cores(server_pid: int) -> set[int]:
+    """The cores vLLM pinned the server's model worker to (VLLM_CPU_OMP_THREADS_BIND=auto)."""
+    import psutil
+
+    workers = [p for p in psutil.Process(server_pid).children(recursive=True) if p.name() == "VLLM::Worker"]
+    return set().union(*(set(p.cpu_affinity()) for p in workers)) if workers else set()
+
+
+def measure(base_url: str, prompts: list[str], args, server_pid: int) -> dict:
+    """The load generator (this process, niceness 0) keeps off the cores of the server's model
+    worker (niceness 15): wherever the scheduler put it there, it preempted the worker, and both
+    servers' rounds swung between full and half throughput."""
+    everywhere = os.sched_getaffinity(0)
+    elsewhere = everywhere - engine_cores(server_pid)
+    os.sched_setaffinity(0, elsewhere or everywhere)
+    try:
+        return {"load": asyncio.run(load(base_url, "bench", prompts, args.concurrency, args.max_tokens)),
+                "one_token_alone": asyncio.run(load(base_url, "bench", prompts, 1, 1)),
+                "load_generator_cores": sorted(os.sched_getaffinity(0))}
+    finally:
+        os.sched_setaffinity(0, everywhere)
 
 
 def bench_vllm(model: str, prompts: list[str], args) -> dict:
@@ -97,29 +119,32 @@ def bench_vllm(model: str, prompts: list[str], args) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health")
-        return measure(f"http://127.0.0.1:{port}/v1", prompts, args)
+        return measure(f"http://127.0.0.1:{port}/v1", prompts, args, proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
 
 
 def bench_rayalign(model: str, prompts: list[str], args) -> dict:
-    import ray
-
-    from rayalign.cluster import connect
-    from rayalign.config import load_config
-    from rayalign.serve import serve_models, serve_shutdown
-
+    """`rayalign serve` in a process of its own, as a user runs it (its own local Ray), like
+    vLLM's server: the load generator here prints none of the server's logs."""
     port = free_port()
-    config = load_config(None, [f"run_dir={args.out}/serve-run", f"serve.port={port}", "cluster.num_cpus=6",
-                                f"serve.engine={json.dumps(ENGINE)}"])
-    connect(config.cluster)  # a Ray for this process; detach returns once the model answers
-    served = serve_models(config, {"bench": model}, detach=True)
+    cmd = [str(Path(sys.executable).with_name("rayalign")), "serve", "--model", f"bench={model}",
+           f"run_dir={args.out}/serve-run", f"serve.port={port}", "cluster.num_cpus=6",
+           f"serve.engine={json.dumps(ENGINE)}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        return measure(served["base_url"], prompts, args)
+        wait_healthy(f"http://127.0.0.1:{port}/v1/models")
+        return measure(f"http://127.0.0.1:{port}/v1", prompts, args, proc.pid)
     finally:
-        serve_shutdown(config)
-        ray.shutdown()  # nothing of Ray's left running while the other server is measured
+        proc.send_signal(signal.SIGINT)  # `rayalign serve` removes its application and stops its Ray
+        try:
+            proc.wait(120)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever of that Ray is left
+            except ProcessLookupError:
+                pass
 
 
 def median(rounds: list[dict], part: str, key: str) -> float:
@@ -139,6 +164,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
+    # The load generator shares the two cores with the server: no log line per request (httpx
+    # logs each one at INFO once Ray's logging is set up).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     from rayalign.models import builtin_corpus, init_model
 
@@ -156,6 +184,8 @@ def main() -> None:
         rounds["vllm_serve"].append(bench_vllm(model, prompts, args))
         rounds["rayalign_serve"].append(bench_rayalign(model, prompts, args))
     results["rounds"] = rounds
+    # The Ray that `rayalign serve` started put HAProxy in front of Serve unless told not to.
+    results["rayalign_http_ingress"] = "haproxy" if haproxy_wanted() else "serve proxy actor"
     results["vllm_serve"], results["rayalign_serve"] = summary(rounds["vllm_serve"]), summary(rounds["rayalign_serve"])
     ours, theirs = results["rayalign_serve"], results["vllm_serve"]
     results["ratios"] = {"throughput_vs_vllm": round(ours["requests_per_s"] / theirs["requests_per_s"], 3),

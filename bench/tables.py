@@ -61,7 +61,9 @@ def serving(r: dict) -> str:
             f"{ratios['p99_overhead_ms']} ms; one request "
             f"alone: p50 overhead **{ratios['one_token_alone_p50_overhead_ms']} ms**",
             f"- medians of {len(r['rounds']['vllm_serve'])} rounds; each: {r['concurrency']} concurrent clients, "
-            f"{requests} requests of {r['max_tokens']} tokens, then {requests} requests of 1 token one at a time",
+            f"{requests} requests of {r['max_tokens']} tokens, then {requests} requests of 1 token one at a time; "
+            f"rayalign's HTTP ingress: {r.get('rayalign_http_ingress', 'serve proxy actor')}; load generator on "
+            f"cores {r['rounds']['vllm_serve'][0].get('load_generator_cores', 'any')}",
             "- per round (requests/s, p50 ms): "
             + "; ".join(f"{label} " + ", ".join(f"{x['load']['requests_per_s']} / {x['load']['p50_ms']}"
                                                for x in r["rounds"][key])
