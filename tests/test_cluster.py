@@ -104,6 +104,7 @@ def test_cloud_file_keeps_the_cluster_private_and_authenticated(name):
     assert "0.0.0.0" not in head
     for commands in (head, worker):
         assert "export RAY_AUTH_MODE=token;" in commands
+        assert "export RAY_SERVE_ENABLE_HA_PROXY=1;" in commands, "HAProxy is Serve's HTTP ingress on every node"
         # The run's keys come from the secret manager at start, by name only.
         for key in ("OPENAI_API_KEY", "RAYALIGN_SERVE_KEY"):
             assert re.search(rf'export {key}="\$\(python ~/rayalign/cluster/secret\.py \w+ [\w-]+ [\w/-]+\)";',
@@ -186,6 +187,7 @@ def check_cluster_spec(spec: dict) -> None:
         keys = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
         assert {"OPENAI_API_KEY", "RAYALIGN_SERVE_KEY"} <= set(keys)
         assert all(ref["name"] == "rayalign-keys" for ref in keys.values())
+        assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in container["env"]
 
 
 def test_raycluster_manifest():
