@@ -7,8 +7,8 @@ serving path itself adds to a request, with no decoding and no batching to hide 
 
 Each server is a command in a process of its own (`python -m vllm.entrypoints.openai.api_server`,
 `rayalign serve` with the local Ray it starts), and this process only generates the load. The two
-servers take turns, each alone on the machine, for --rounds rounds; the summary is the median over rounds, and every round is
-kept in the JSON (this machine is shared and noisy).
+servers take turns, each alone on the machine, for --rounds rounds; the summary is the median over
+rounds, and every round is kept in the JSON (this machine is shared and noisy).
 
 Usage: python bench/serve_latency.py [--rounds 2] [--requests 128] [--concurrency 8] [--max-tokens 32]
 Writes bench/results/serve_latency.json.
@@ -164,8 +164,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
-    # The load generator shares the two cores with the server: no log line per request (httpx
-    # logs each one at INFO once Ray's logging is set up).
+    # The load generator shares the machine with the server: no log line per request, wherever
+    # logging is configured at INFO (httpx logs each request there).
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     from rayalign.models import builtin_corpus, init_model
