@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from rayalign.cluster import haproxy_wanted
+from rayalign.cluster import free_port, haproxy_wanted
 
 ENGINE = {"dtype": "bfloat16", "max_model_len": 512, "gpu_memory_utilization": 0.2}
 # Ray's raylet starts every worker process, so Serve's replicas and the vLLM engine under them,
@@ -38,12 +37,6 @@ ENGINE = {"dtype": "bfloat16", "max_model_len": 512, "gpu_memory_utilization": 0
 # on this 2-core machine the load generator (this process, niceness 0) competes with both
 # servers alike; at niceness 0 vLLM's server loses about a third of its throughput to it.
 SERVER_NICENESS = 15
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, timeout: float = 600) -> None:

@@ -41,7 +41,8 @@ def check_shared_paths(config) -> None:
                               f"Ray Job")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on this machine now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -74,8 +75,8 @@ def haproxy_env() -> dict[str, str]:
             "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{files}/admin.sock",
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": files,
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{files}/server-state",
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())}
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
 
 
 def connect(config: ClusterConfig):

@@ -2,7 +2,6 @@
 server per test session (vLLM engine starts cost 15-60 s each on 2 cores)."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -10,6 +9,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from rayalign.cluster import free_port, haproxy_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -19,12 +20,6 @@ SERVER_KEY = "sk-rayalign-test-0123456789"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # Set before Ray starts, so reviser actors inherit it as they would from a user's shell.
 os.environ["RAYALIGN_TEST_KEY"] = SERVER_KEY
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -48,8 +43,6 @@ def ray_session():
     """One local Ray for the whole session, with more logical CPUs than cores so that engines,
     Serve and Train workers can be placed together."""
     import ray
-
-    from rayalign.cluster import haproxy_env
 
     os.environ.update(haproxy_env())  # Serve's HTTP ingress is HAProxy, as on a Ray that rayalign starts
     ray.init(num_cpus=8, object_store_memory=1024**3, include_dashboard=False)
