@@ -86,8 +86,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"rayalign serve: application {config.serve.app_name!r} shut down")
     else:
         served = serve_models(config, parse_models(args.model) if args.model else {}, detach=args.detach)
-        print(f"rayalign serve: {', '.join(served['models'])} at {served['base_url']} "
-              f"(Serve config written to {served['config_file']})")
+        if served["detached"]:
+            print(f"rayalign serve: {', '.join(served['models'])} at {served['base_url']} "
+                  f"(Serve config written to {served['config_file']}; `rayalign serve shutdown` stops it)")
+        else:
+            print(f"rayalign serve: stopped serving {', '.join(served['models'])}")
     return 0
 
 
@@ -139,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-model", help="create a tiny Llama model and tokenizer locally (no hub)")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--preset", choices=["tiny", "bench"], default="tiny",
-                   help="tiny: ~0.5M parameters for tests; bench: ~25M for benchmarks")
+    p.add_argument("--preset", choices=["tiny", "bench", "bench-large"], default="tiny",
+                   help="tiny: ~0.5M parameters for tests; bench: ~25M and bench-large: ~160M for benchmarks")
     p.add_argument("--tokenizer", choices=["bpe", "word"], default="bpe",
                    help="bpe: byte-level BPE; word: one token per whitespace-separated word")
     p.add_argument("--seed", type=int, default=0)

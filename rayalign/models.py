@@ -42,6 +42,10 @@ PRESETS = {
     # For benchmarks: about 25M parameters, large enough that compute dominates overheads.
     "bench": Preset(vocab_size=8192, hidden_size=512, intermediate_size=1024, num_layers=8, num_heads=8,
                     max_position_embeddings=2048),
+    # For serving benchmarks: about 160M parameters. Decoding at 25M on CPU is largely per-step
+    # Python; here the model's compute weighs more in each step.
+    "bench-large": Preset(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_layers=12, num_heads=16,
+                          max_position_embeddings=2048),
 }
 
 _WORDS = (

@@ -40,6 +40,16 @@ def test_bench_preset_has_about_25m_parameters(tmp_path):
     assert json.loads((out / "rayalign_model.json").read_text())["parameters"] == 25_174_528
 
 
+def test_bench_large_preset_has_about_160m_parameters_and_the_cli_offers_every_preset():
+    from rayalign.cli import build_parser
+    from rayalign.models import build_model
+
+    model = build_model("bench-large", build_tokenizer("bpe", None, vocab_size=8192))
+    assert sum(p.numel() for p in model.parameters()) == 162_554_880
+    init = build_parser()._subparsers._group_actions[0].choices["init-model"]
+    assert next(a for a in init._actions if a.dest == "preset").choices == list(PRESETS)
+
+
 def test_chat_template_renders_turns_with_eos(tiny_model):
     from transformers import AutoTokenizer
 
@@ -71,7 +81,7 @@ def test_word_tokenizer_gives_one_token_per_digit():
 
 
 def test_unknown_preset_and_tokenizer_are_named(tmp_path):
-    with pytest.raises(ValueError, match="preset must be one of tiny, bench, not 'huge'"):
+    with pytest.raises(ValueError, match="preset must be one of tiny, bench, bench-large, not 'huge'"):
         init_model(tmp_path / "x", "huge")
     with pytest.raises(ValueError, match="tokenizer kind must be 'bpe' or 'word', not 'char'"):
         build_tokenizer("char")
