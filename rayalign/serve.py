@@ -201,14 +201,17 @@ def serve_models(config: RunConfig, models: dict[str, str], detach: bool) -> dic
             "seconds_to_ready": round(time.perf_counter() - started, 1)}
     if detach:
         return info
-    print(f"serving {', '.join(models)} at {info['base_url']} (Ctrl-C to stop)", flush=True)
+    print(f"serving {', '.join(models)} at {info['base_url']} (Ctrl-C to stop; Serve config written to {path})",
+          flush=True)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on `kill` as on Ctrl-C
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
-        pass
+        # Serve keeps a replica reachable while it drains, so that load balancers deregister it.
+        print(f"stopping: removing {serve_cfg.app_name!r}; Serve drains its replicas first, "
+              f"which can take half a minute", flush=True)
     finally:
         serve.delete(serve_cfg.app_name)
         if owns_ray:

@@ -1,0 +1,80 @@
+"""`rayalign serve` as a user runs it in a terminal: a command that starts its own local Ray,
+serves until it is told to stop, then removes its application and stops that Ray, leaving no
+process behind."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+
+from tests.conftest import PYTHON, free_port
+from tests.serve_fixtures import ENGINE
+
+pytestmark = pytest.mark.integration
+
+RAYALIGN = str(Path(PYTHON).with_name("rayalign"))
+
+
+def wait_for_line(proc: subprocess.Popen, log: Path, text: str, timeout: float) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = log.read_text()
+        if text in out:
+            return out
+        if proc.poll() is not None:
+            raise AssertionError(f"rayalign serve exited with {proc.returncode}:\n{out[-3000:]}")
+        time.sleep(2)
+    raise AssertionError(f"no {text!r} after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def test_serve_command_serves_until_sigterm_then_stops_its_ray(tiny_model, tmp_path):
+    port = free_port()
+    # Its own local Ray, not the test session's (whose address the session may have exported).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [RAYALIGN, "serve", "--model", f"tiny={tiny_model}", f"run_dir={tmp_path / 'run'}",
+           f"serve.port={port}", "serve.ready_timeout_s=500", "cluster.num_cpus=6",
+           f"serve.engine={json.dumps(ENGINE)}"]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    tree: list[psutil.Process] = []
+    try:
+        base_url = f"http://127.0.0.1:{port}/v1"
+        text = wait_for_line(proc, log, f"serving tiny at {base_url} (Ctrl-C to stop", timeout=600)
+        config_file = tmp_path / "run" / "serve" / "serve_config.yaml"
+        assert f"Serve config written to {config_file}" in text
+
+        client = openai.OpenAI(base_url=base_url, api_key="EMPTY", max_retries=0, timeout=120)
+        answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=4, temperature=0.0, extra_body={"min_tokens": 4})
+        assert answer.model == "tiny" and answer.usage.completion_tokens == 4
+
+        # Everything this command started: its Ray (GCS, raylet, workers), the engine, HAProxy.
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        assert "haproxy" in {p.name() for p in tree}
+        assert any(p.name() == "raylet" for p in tree)
+
+        proc.send_signal(signal.SIGTERM)  # what `kill` sends; Ctrl-C takes the same path
+        assert proc.wait(180) == 0, log.read_text()[-3000:]
+        text = log.read_text()
+        assert "stopping: removing" in text and "rayalign serve: stopped serving tiny" in text
+        gone, alive = psutil.wait_procs(tree, timeout=60)
+        assert not alive, [f"{p.pid} {p.name()}" for p in alive]
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"{base_url}/models", timeout=5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
