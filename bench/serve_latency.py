@@ -1,6 +1,8 @@
 """Benchmark: `rayalign serve` (Ray Serve + ray.serve.llm) against vLLM's own OpenAI server.
 
-Same model (the `bench` preset), same prompts, same concurrency and max_tokens, in one run:
+Same model, same prompts, same concurrency and max_tokens, in one run, for each model preset given
+(default: `bench-large`, about 160M parameters, where the model's compute weighs more in each
+decoding step, then `bench`, about 25M, where per-step and per-request overheads weigh more):
 requests/s and p50/p99 latency of chat completions through the `openai` client, after a
 warm-up. Then, on the same server, one request at a time asking for one token: what the
 serving path itself adds to a request, with no decoding and no batching to hide it.
@@ -10,7 +12,8 @@ Each server is a command in a process of its own (`python -m vllm.entrypoints.op
 servers take turns, each alone on the machine, for --rounds rounds; the summary is the median over
 rounds, and every round is kept in the JSON (this machine is shared and noisy).
 
-Usage: python bench/serve_latency.py [--rounds 2] [--requests 128] [--concurrency 8] [--max-tokens 32]
+Usage: python bench/serve_latency.py [--presets bench-large,bench] [--rounds 2] [--requests 128]
+       [--concurrency 8] [--max-tokens 32]
 Writes bench/results/serve_latency.json.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -130,9 +134,11 @@ def bench_rayalign(model: str, prompts: list[str], args) -> dict:
         wait_healthy(f"http://127.0.0.1:{port}/v1/models")
         return measure(f"http://127.0.0.1:{port}/v1", prompts, args, proc.pid)
     finally:
-        proc.send_signal(signal.SIGINT)  # `rayalign serve` removes its application and stops its Ray
+        # `rayalign serve` removes its application and stops its Ray on SIGTERM as on Ctrl-C; SIGINT
+        # would not reach it when this benchmark runs in the background of a shell (ignored there).
+        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(120)
+            proc.wait(180)
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # whatever of that Ray is left
@@ -149,8 +155,36 @@ def summary(rounds: list[dict]) -> dict:
             "one_token_alone_p50_ms": median(rounds, "one_token_alone", "p50_ms")}
 
 
+def compare(preset: str, prompts: list[str], args) -> dict:
+    """Both servers on one model, --rounds rounds each, taking turns."""
+    from rayalign.models import PRESETS, init_model
+
+    model_dir = Path(args.out) / "models" / preset
+    if not (model_dir / "config.json").exists():
+        init_model(model_dir, preset)
+    model = str(model_dir.resolve())
+    parameters = json.loads((model_dir / "rayalign_model.json").read_text())["parameters"]
+    results = {"model": f"{preset} preset ({parameters / 1e6:.0f}M parameters)", "preset": dataclasses.asdict(PRESETS[preset])}
+    rounds = {"vllm_serve": [], "rayalign_serve": []}
+    for _ in range(args.rounds):
+        rounds["vllm_serve"].append(bench_vllm(model, prompts, args))
+        rounds["rayalign_serve"].append(bench_rayalign(model, prompts, args))
+    results["rounds"] = rounds
+    results["vllm_serve"], results["rayalign_serve"] = summary(rounds["vllm_serve"]), summary(rounds["rayalign_serve"])
+    ours, theirs = results["rayalign_serve"], results["vllm_serve"]
+    results["ratios"] = {"throughput_vs_vllm": round(ours["requests_per_s"] / theirs["requests_per_s"], 3),
+                         "mean_overhead_ms": round(ours["mean_ms"] - theirs["mean_ms"], 1),
+                         "p50_overhead_ms": round(ours["p50_ms"] - theirs["p50_ms"], 1),
+                         "p99_overhead_ms": round(ours["p99_ms"] - theirs["p99_ms"], 1),
+                         "one_token_alone_p50_overhead_ms": round(ours["one_token_alone_p50_ms"]
+                                                                  - theirs["one_token_alone_p50_ms"], 1)}
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="bench-large,bench",
+                        help="comma-separated model presets, each benchmarked in turn")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -161,34 +195,21 @@ def main() -> None:
     # logging is configured at INFO (httpx logs each request there).
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
-    from rayalign.models import builtin_corpus, init_model
+    from rayalign.models import PRESETS, builtin_corpus
 
-    out = Path(args.out)
-    model_dir = out / "models" / "bench"
-    if not (model_dir / "config.json").exists():
-        init_model(model_dir, "bench")
-    model = str(model_dir.resolve())
+    presets = [name.strip() for name in args.presets.split(",") if name.strip()]
+    unknown = [name for name in presets if name not in PRESETS]
+    if unknown or not presets:
+        parser.error(f"--presets: {', '.join(unknown) or 'none given'}; choose from {', '.join(PRESETS)}")
     prompts = [f"Continue: {line}" for line in builtin_corpus(seed=7, sentences=args.requests)]
-    results = {"model": "bench preset (25M parameters)", "engine": ENGINE, "concurrency": args.concurrency,
-               "max_tokens": args.max_tokens, "cpu_count": os.cpu_count(),
-               "server_niceness": SERVER_NICENESS}
-    rounds = {"vllm_serve": [], "rayalign_serve": []}
-    for _ in range(args.rounds):
-        rounds["vllm_serve"].append(bench_vllm(model, prompts, args))
-        rounds["rayalign_serve"].append(bench_rayalign(model, prompts, args))
-    results["rounds"] = rounds
-    # The Ray that `rayalign serve` started put HAProxy in front of Serve unless told not to.
-    results["rayalign_http_ingress"] = "haproxy" if haproxy_wanted() else "serve proxy actor"
-    results["vllm_serve"], results["rayalign_serve"] = summary(rounds["vllm_serve"]), summary(rounds["rayalign_serve"])
-    ours, theirs = results["rayalign_serve"], results["vllm_serve"]
-    results["ratios"] = {"throughput_vs_vllm": round(ours["requests_per_s"] / theirs["requests_per_s"], 3),
-                         "mean_overhead_ms": round(ours["mean_ms"] - theirs["mean_ms"], 1),
-                         "p50_overhead_ms": round(ours["p50_ms"] - theirs["p50_ms"], 1),
-                         "p99_overhead_ms": round(ours["p99_ms"] - theirs["p99_ms"], 1),
-                         "one_token_alone_p50_overhead_ms": round(ours["one_token_alone_p50_ms"]
-                                                                  - theirs["one_token_alone_p50_ms"], 1)}
+    results = {"engine": ENGINE, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+               "cpu_count": os.cpu_count(), "server_niceness": SERVER_NICENESS,
+               # The Ray that `rayalign serve` starts puts HAProxy in front of Serve unless told not to.
+               "rayalign_http_ingress": "haproxy" if haproxy_wanted() else "serve proxy actor",
+               "presets": {preset: compare(preset, prompts, args) for preset in presets}}
     results["command"] = "python " + " ".join(sys.argv)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_latency.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -48,25 +48,29 @@ def training(r: dict) -> str:
 
 
 def serving(r: dict) -> str:
+    return "\n\n".join(f"### {p['model']}\n\n" + serving_preset(r, p) for p in r["presets"].values())
+
+
+def serving_preset(r: dict, p: dict) -> str:
     out = ["| server | requests/s | mean ms | p50 ms | p99 ms | one request alone, 1 token: p50 ms |",
            "| --- | --- | --- | --- | --- | --- |"]
     for key, label in (("vllm_serve", "vLLM's OpenAI server"), ("rayalign_serve", "rayalign serve (Ray Serve)")):
-        x = r[key]
+        x = p[key]
         out.append(f"| {label} | {x['requests_per_s']} | {x['mean_ms']} | {x['p50_ms']} | {x['p99_ms']} | "
                    f"{x['one_token_alone_p50_ms']} |")
-    ratios = r["ratios"]
-    requests = r["rounds"]["vllm_serve"][0]["load"]["requests"]
+    ratios = p["ratios"]
+    requests = p["rounds"]["vllm_serve"][0]["load"]["requests"]
     out += ["", f"- rayalign / vLLM throughput: **{ratios['throughput_vs_vllm']:.2f}x**; p50 overhead "
             f"**{ratios['p50_overhead_ms']} ms**, mean {ratios['mean_overhead_ms']} ms, p99 "
             f"{ratios['p99_overhead_ms']} ms; one request "
             f"alone: p50 overhead **{ratios['one_token_alone_p50_overhead_ms']} ms**",
-            f"- medians of {len(r['rounds']['vllm_serve'])} rounds; each: {r['concurrency']} concurrent clients, "
+            f"- medians of {len(p['rounds']['vllm_serve'])} rounds; each: {r['concurrency']} concurrent clients, "
             f"{requests} requests of {r['max_tokens']} tokens, then {requests} requests of 1 token one at a time; "
-            f"rayalign's HTTP ingress: {r.get('rayalign_http_ingress', 'serve proxy actor')}; load generator on "
-            f"cores {r['rounds']['vllm_serve'][0].get('load_generator_cores', 'any')}",
+            f"rayalign's HTTP ingress: {r['rayalign_http_ingress']}; load generator on "
+            f"cores {p['rounds']['vllm_serve'][0]['load_generator_cores']}",
             "- per round (requests/s, p50 ms): "
             + "; ".join(f"{label} " + ", ".join(f"{x['load']['requests_per_s']} / {x['load']['p50_ms']}"
-                                               for x in r["rounds"][key])
+                                               for x in p["rounds"][key])
                         for key, label in (("vllm_serve", "vLLM"), ("rayalign_serve", "rayalign")))]
     return "\n".join(out)
 
