@@ -164,7 +164,8 @@ def compare(preset: str, prompts: list[str], args) -> dict:
         init_model(model_dir, preset)
     model = str(model_dir.resolve())
     parameters = json.loads((model_dir / "rayalign_model.json").read_text())["parameters"]
-    results = {"model": f"{preset} preset ({parameters / 1e6:.0f}M parameters)", "preset": dataclasses.asdict(PRESETS[preset])}
+    results = {"model": f"{preset} preset ({parameters / 1e6:.0f}M parameters)",
+                "preset": dataclasses.asdict(PRESETS[preset])}
     rounds = {"vllm_serve": [], "rayalign_serve": []}
     for _ in range(args.rounds):
         rounds["vllm_serve"].append(bench_vllm(model, prompts, args))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rayalign.config import ConfigError, dump_config, load_config
+from rayalign.models import PRESETS
 
 
 
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-model", help="create a tiny Llama model and tokenizer locally (no hub)")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--preset", choices=["tiny", "bench", "bench-large"], default="tiny",
+    p.add_argument("--preset", choices=list(PRESETS), default="tiny",
                    help="tiny: ~0.5M parameters for tests; bench: ~25M and bench-large: ~160M for benchmarks")
     p.add_argument("--tokenizer", choices=["bpe", "word"], default="bpe",
                    help="bpe: byte-level BPE; word: one token per whitespace-separated word")

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from rayalign.cluster import haproxy_env
-from tests.conftest import free_port
+from rayalign.cluster import free_port, haproxy_env
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -41,7 +40,8 @@ class LocalCluster:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rayalign-cl-", dir="/tmp"))
         self.token = secrets.token_hex(24)
         self.gcs_port, self.dashboard_port = free_port(), free_port()
-        self.env = {**os.environ, **haproxy_env(), **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+        self.env = {**os.environ, **haproxy_env(), **(env or {}),
+                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                     # Entry points such as `rayalign` resolve in the job's shell from this PATH.
                     "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
         self.env.pop("RAY_ADDRESS", None)
