@@ -20,6 +20,7 @@ bench: setup
 	$(VENV)/bin/python bench/clair_generation.py
 	$(VENV)/bin/python bench/train_throughput.py
 	$(VENV)/bin/python bench/serve_latency.py
+	$(VENV)/bin/python bench/serve_stalls.py
 	$(VENV)/bin/python bench/tables.py
 
 clean:

@@ -106,7 +106,9 @@ def measure(base_url: str, prompts: list[str], args, server_pid: int) -> dict:
         os.sched_setaffinity(0, everywhere)
 
 
-def bench_vllm(model: str, prompts: list[str], args) -> dict:
+def bench_vllm(model: str, prompts: list[str], args, measure=measure) -> dict:
+    """vLLM's own OpenAI server in a process of its own; `measure(base_url, prompts, args, pid)`
+    runs against it."""
     port = free_port()
     cmd = ["nice", "-n", str(SERVER_NICENESS), sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            "--model", model, "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
@@ -122,7 +124,7 @@ def bench_vllm(model: str, prompts: list[str], args) -> dict:
         proc.wait(60)
 
 
-def bench_rayalign(model: str, prompts: list[str], args) -> dict:
+def bench_rayalign(model: str, prompts: list[str], args, measure=measure) -> dict:
     """`rayalign serve` in a process of its own, as a user runs it (its own local Ray), like
     vLLM's server: the load generator here prints none of the server's logs."""
     port = free_port()

@@ -75,13 +75,26 @@ def serving_preset(r: dict, p: dict) -> str:
     return "\n".join(out)
 
 
+def stalls(r: dict) -> str:
+    out = ["| server | requests/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | stalls | stalled time |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key, label in (("vllm_serve", "vLLM's OpenAI server"), ("rayalign_serve", "rayalign serve")):
+        for x in r["rounds"][key]:
+            lengths = [length for _, length in x["stall_list"]]
+            shown = f"{x['stalls']} ({min(lengths):.2f}-{max(lengths):.2f} s)" if lengths else "0"
+            out.append(f"| {label} | {x['requests_per_s']} | {x['ttft_p50_ms']:.0f} | {x['ttft_p90_ms']:.0f} | "
+                       f"{x['ttft_p99_ms']:.0f} | {shown} | {x['stalled_s']} s of {x['seconds']} s "
+                       f"({x['stalled_share']:.0%}) |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="bench/results")
     args = parser.parse_args()
     results = Path(args.results)
     for name, render in (("clair_generation", generation), ("train_throughput", training),
-                         ("serve_latency", serving)):
+                         ("serve_latency", serving), ("serve_stalls", stalls)):
         path = results / f"{name}.json"
         if path.exists():
             r = json.loads(path.read_text())
