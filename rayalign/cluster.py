@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import shutil
 import socket
 import tempfile
+from pathlib import Path
 
 from rayalign.config import ClusterConfig, ConfigError
 
@@ -41,11 +43,36 @@ def check_shared_paths(config) -> None:
                               f"Ray Job")
 
 
+# Ray's default worker ports (min_worker_port, max_worker_port).
+RAY_WORKER_PORTS = range(10002, 20000)
+
+
 def free_port() -> int:
-    """A TCP port that is free on this machine now."""
-    with socket.socket() as s:
+    """A TCP port that is free on this machine now, and that a Ray started afterwards will not
+    take: outside Ray's worker ports and outside the kernel's range for port 0, from which Ray's
+    processes take many ports as they start (HAProxy once failed to bind a stats port handed
+    out a moment earlier by port 0)."""
+    low, _ = _ephemeral_ports()
+    ports = list(range(RAY_WORKER_PORTS.stop, low))
+    random.shuffle(ports)
+    for port in ports[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no quiet range on this machine: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; other systems (macOS: 49152-65535) start higher
 
 
 def haproxy_wanted() -> bool:

@@ -149,3 +149,24 @@ def test_haproxy_env_gives_each_ray_its_own_files_and_ports(monkeypatch):
     assert len(ports) == 4 and not ports & {8404, 9101}
     monkeypatch.setenv(HAPROXY, "0")  # the user's choice: Serve's Python proxy
     assert haproxy_env() == {}
+
+
+def test_free_port_is_free_and_outside_the_ports_ray_and_the_kernel_hand_out(monkeypatch):
+    import socket
+
+    from rayalign import cluster
+
+    low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert cluster._ephemeral_ports() == (low, high)
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", cluster.RAY_WORKER_PORTS.stop))
+        # The search meets the busy port first and moves on.
+        monkeypatch.setattr(cluster.random, "shuffle", lambda ports: ports.sort())
+        assert cluster.free_port() == cluster.RAY_WORKER_PORTS.stop + 1
+    monkeypatch.undo()
+    ports = {cluster.free_port() for _ in range(20)}
+    for port in ports:
+        assert port not in cluster.RAY_WORKER_PORTS and not low <= port <= high
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", port))
+
