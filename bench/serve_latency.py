@@ -41,6 +41,12 @@ ENGINE = {"dtype": "bfloat16", "max_model_len": 512, "gpu_memory_utilization": 0
 # on this 2-core machine the load generator (this process, niceness 0) competes with both
 # servers alike; at niceness 0 vLLM's server loses about a third of its throughput to it.
 SERVER_NICENESS = 15
+# Each server runs in this process's session, in a process group of its own (killed as one).
+# Not in a session of its own: Linux's autogroup scheduling shares the CPU between sessions
+# before niceness counts, so the load generator stood level with a whole server and waited
+# for a core while answers sat unread in its sockets: 17-23 s of a 46 s run beside `rayalign
+# serve`, 1.1 s beside vLLM's server (2026-12-02). run_delay_s in the results keeps watch.
+SERVER_GROUP = {"process_group": 0}
 
 
 def wait_healthy(url: str, timeout: float = 600) -> None:
@@ -71,16 +77,29 @@ async def load(base_url: str, model: str, prompts: list[str], concurrency: int, 
 
     await asyncio.gather(*(one(p) for p in prompts[:concurrency * 2]))  # warm-up
     latencies.clear()
-    start = time.perf_counter()
+    start, waited = time.perf_counter(), run_delay()
     await asyncio.gather(*(one(p) for p in prompts))
-    seconds = time.perf_counter() - start
+    seconds, waited = time.perf_counter() - start, run_delay() - waited
     await client.close()
     latencies.sort()
     return {"requests": len(prompts), "seconds": round(seconds, 2),
             "requests_per_s": round(len(prompts) / seconds, 2),
+            "load_generator_run_delay_s": round(waited, 2),
             "mean_ms": round(1000 * statistics.fmean(latencies), 1),
             "p50_ms": round(1000 * statistics.median(latencies), 1),
             "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1)}
+
+
+def run_delay() -> float:
+    """Seconds this process's threads have spent runnable but waiting for a core (Linux
+    schedstat): how far the load generator itself was held up while measuring."""
+    total = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):  # a thread that ended meanwhile
+            pass
+    return total / 1e9
 
 
 def engine_cores(server_pid: int) -> set[int]:
@@ -115,7 +134,7 @@ def bench_vllm(model: str, prompts: list[str], args, measure=measure) -> dict:
            "--dtype", ENGINE["dtype"], "--max-model-len", str(ENGINE["max_model_len"]),
            "--gpu-memory-utilization", str(ENGINE["gpu_memory_utilization"]),
            "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **SERVER_GROUP)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health")
         return measure(f"http://127.0.0.1:{port}/v1", prompts, args, proc.pid)
@@ -131,7 +150,7 @@ def bench_rayalign(model: str, prompts: list[str], args, measure=measure) -> dic
     cmd = [str(Path(sys.executable).with_name("rayalign")), "serve", "--model", f"bench={model}",
            f"run_dir={args.out}/serve-run", f"serve.port={port}", "cluster.num_cpus=6",
            f"serve.engine={json.dumps(ENGINE)}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **SERVER_GROUP)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/v1/models")
         return measure(f"http://127.0.0.1:{port}/v1", prompts, args, proc.pid)

@@ -26,12 +26,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_latency import ENGINE, SERVER_NICENESS, bench_rayalign, bench_vllm, engine_cores  # noqa: E402
+from serve_latency import ENGINE, SERVER_NICENESS, bench_rayalign, bench_vllm, engine_cores, run_delay  # noqa: E402
 
 
-async def stream_load(base_url: str, prompts: list[str], concurrency: int, max_tokens: int) -> list[dict]:
+async def stream_load(base_url: str, prompts: list[str], concurrency: int,
+                      max_tokens: int) -> tuple[list[dict], float]:
     """One streamed chat completion per prompt, `concurrency` at a time; per request the
-    send time and each chunk's arrival time, in seconds from the start of the run."""
+    send time and each chunk's arrival time, in seconds from the start of the run; and the
+    seconds this process waited for a core meanwhile."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=0, timeout=120)
@@ -53,10 +55,10 @@ async def stream_load(base_url: str, prompts: list[str], concurrency: int, max_t
     origin = time.perf_counter()
     await asyncio.gather(*(one(p) for p in prompts[:concurrency * 2]))  # warm-up
     requests.clear()
-    origin = time.perf_counter()
+    origin, waited = time.perf_counter(), run_delay()
     await asyncio.gather(*(one(p) for p in prompts))
     await client.close()
-    return requests
+    return requests, run_delay() - waited
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -115,10 +117,10 @@ def main() -> None:
         everywhere = os.sched_getaffinity(0)
         os.sched_setaffinity(0, (everywhere - engine_cores(server_pid)) or everywhere)
         try:
-            requests = asyncio.run(stream_load(base_url, prompts, args.concurrency, args.max_tokens))
+            requests, waited = asyncio.run(stream_load(base_url, prompts, args.concurrency, args.max_tokens))
         finally:
             os.sched_setaffinity(0, everywhere)
-        return summarise(requests, args.stall_ms / 1000)
+        return {**summarise(requests, args.stall_ms / 1000), "load_generator_run_delay_s": round(waited, 2)}
 
     rounds = {"vllm_serve": [], "rayalign_serve": []}
     model = str(model_dir.resolve())

@@ -71,20 +71,24 @@ def serving_preset(r: dict, p: dict) -> str:
             "- per round (requests/s, p50 ms): "
             + "; ".join(f"{label} " + ", ".join(f"{x['load']['requests_per_s']} / {x['load']['p50_ms']}"
                                                for x in p["rounds"][key])
+                        for key, label in (("vllm_serve", "vLLM"), ("rayalign_serve", "rayalign"))),
+            "- seconds the load generator waited for a core during the load, per round: "
+            + "; ".join(f"{label} " + ", ".join(str(x["load"]["load_generator_run_delay_s"]) for x in p["rounds"][key])
                         for key, label in (("vllm_serve", "vLLM"), ("rayalign_serve", "rayalign")))]
     return "\n".join(out)
 
 
 def stalls(r: dict) -> str:
-    out = ["| server | requests/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | stalls | stalled time |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+    out = ["| server | requests/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | stalls | stalled time | "
+           "load generator waited for a core |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, label in (("vllm_serve", "vLLM's OpenAI server"), ("rayalign_serve", "rayalign serve")):
         for x in r["rounds"][key]:
             lengths = [length for _, length in x["stall_list"]]
             shown = f"{x['stalls']} ({min(lengths):.2f}-{max(lengths):.2f} s)" if lengths else "0"
             out.append(f"| {label} | {x['requests_per_s']} | {x['ttft_p50_ms']:.0f} | {x['ttft_p90_ms']:.0f} | "
                        f"{x['ttft_p99_ms']:.0f} | {shown} | {x['stalled_s']} s of {x['seconds']} s "
-                       f"({x['stalled_share']:.0%}) |")
+                       f"({x['stalled_share']:.0%}) | {x['load_generator_run_delay_s']} s |")
     return "\n".join(out)
 
 
