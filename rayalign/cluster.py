@@ -75,6 +75,34 @@ def _ephemeral_ports() -> tuple[int, int]:
         return 32768, 60999  # Linux's default; other systems (macOS: 49152-65535) start higher
 
 
+def engine_core_split(allowed: set[int] | None = None,
+                      cpus: Path = Path("/sys/devices/system/cpu")) -> tuple[list[int], list[int]] | None:
+    """(engine, rest): the CPUs that vLLM's CPU build binds one engine's model worker to by
+    default, and the other CPUs this process may use. vLLM takes one logical CPU per physical
+    core (the highest-numbered sibling) of the first NUMA node and leaves the last of them to
+    other processes. None where that leaves the worker no CPU (a single core)."""
+    allowed = sorted(os.sched_getaffinity(0) if allowed is None else allowed)
+
+    def node(cpu: int) -> int:
+        nodes = sorted(cpus.glob(f"cpu{cpu}/node[0-9]*"))
+        return int(nodes[0].name[4:]) if nodes else 0
+
+    def core(cpu: int) -> tuple[str, str]:
+        topology = cpus / f"cpu{cpu}" / "topology"
+        try:
+            return (topology / "physical_package_id").read_text(), (topology / "core_id").read_text()
+        except OSError:
+            return "", str(cpu)
+
+    first = node(allowed[0]) if allowed else 0
+    last_sibling = {core(cpu): cpu for cpu in allowed if node(cpu) == first}
+    picked = sorted(last_sibling.values())
+    if len(picked) < 2:
+        return None
+    engine = picked[:-1]
+    return engine, [cpu for cpu in allowed if cpu not in engine]
+
+
 def haproxy_wanted() -> bool:
     """Whether a Ray that rayalign starts gets the HAProxy ingress: where an HAProxy binary is at
     hand (ray[serve] ships one on Linux; elsewhere one on PATH), unless HAPROXY=0 says not."""

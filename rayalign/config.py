@@ -335,6 +335,10 @@ class ServeConfig:
     ingress_cpus: float = 0.0
     # How long to wait for the application to run before giving up with Serve's reason.
     ready_timeout_s: float = 600.0
+    # CPU engines, when `rayalign serve` starts its own Ray: the engine's model worker keeps the
+    # CPUs vLLM binds it to, and Ray's own processes run on the others (VLLM_CPU_OMP_THREADS_BIND,
+    # when set, chooses the worker's CPUs instead and turns this off).
+    isolate_engine_cores: bool = True
     # Where the Serve config file (for `serve deploy`, KubeRay) is written; default <run_dir>/serve.
     output: str | None = None
 

@@ -186,23 +186,42 @@ def serve_models(config: RunConfig, models: dict[str, str], detach: bool) -> dic
 
     build = build_app if builder(args) == ONE_MODEL_BUILDER else build_openai_app
     owns_ray = not address and not ray.is_initialized()
-    connect(config.cluster)
-    started = time.perf_counter()
-    serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
-    _run_with_timeout(serve, build(args), serve_cfg)
-    url = base_url(serve_cfg)
-    served = _listed_models(url, key, serve_cfg.ready_timeout_s)
-    if sorted(served) != sorted(models):
-        serve.delete(serve_cfg.app_name)
-        raise ServeError(f"{url}/v1/models lists {served}, not {sorted(models)}: Serve may already run on this "
-                         f"cluster with other http options (serve.port); run `rayalign serve shutdown` first")
-    info = {"app": serve_cfg.app_name, "url": url, "base_url": url + "/v1", "models": dict(models),
-            "config_file": str(path), "detached": detach, "api_key_env": serve_cfg.api_key_env,
-            "seconds_to_ready": round(time.perf_counter() - started, 1)}
-    if detach:
+    cpus = _isolate_engine_cores(serve_cfg) if owns_ray else None  # before Ray starts: its processes inherit
+    try:
+        connect(config.cluster)
+        started = time.perf_counter()
+        serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
+        _run_with_timeout(serve, build(args), serve_cfg)
+        url = base_url(serve_cfg)
+        served = _listed_models(url, key, serve_cfg.ready_timeout_s)
+        if sorted(served) != sorted(models):
+            serve.delete(serve_cfg.app_name)
+            raise ServeError(f"{url}/v1/models lists {served}, not {sorted(models)}: Serve may already run on "
+                             f"this cluster with other http options (serve.port); run `rayalign serve shutdown` first")
+        info = {"app": serve_cfg.app_name, "url": url, "base_url": url + "/v1", "models": dict(models),
+                "config_file": str(path), "detached": detach, "api_key_env": serve_cfg.api_key_env,
+                "seconds_to_ready": round(time.perf_counter() - started, 1)}
+        if cpus:
+            info["engine_cpus"], info["ray_cpus"] = cpus["engine"], cpus["ray"]
+            print(f"rayalign serve: the engine's model worker on CPUs {cpus['engine']}, Ray's processes on "
+                  f"{cpus['ray']} (serve.isolate_engine_cores)", flush=True)
+        if detach:
+            return info
+        print(f"serving {', '.join(models)} at {info['base_url']} (Ctrl-C to stop; Serve config written to {path})",
+              flush=True)
+        _serve_until_stopped(serve_cfg.app_name, owns_ray)
         return info
-    print(f"serving {', '.join(models)} at {info['base_url']} (Ctrl-C to stop; Serve config written to {path})",
-          flush=True)
+    finally:
+        if cpus:
+            os.environ.pop(OMP_BIND, None)
+            _set_affinity(cpus["before"])
+
+
+def _serve_until_stopped(app_name: str, owns_ray: bool) -> None:
+    """Until Ctrl-C or SIGTERM; then remove the application, and stop Ray if this process started it."""
+    import ray
+    from ray import serve
+
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on `kill` as on Ctrl-C
     try:
@@ -210,13 +229,48 @@ def serve_models(config: RunConfig, models: dict[str, str], detach: bool) -> dic
             time.sleep(1)
     except KeyboardInterrupt:
         # Serve keeps a replica reachable while it drains, so that load balancers deregister it.
-        print(f"stopping: removing {serve_cfg.app_name!r}; Serve drains its replicas first, "
+        print(f"stopping: removing {app_name!r}; Serve drains its replicas first, "
               f"which can take half a minute", flush=True)
     finally:
-        serve.delete(serve_cfg.app_name)
+        serve.delete(app_name)
         if owns_ray:
             ray.shutdown()
-    return info
+
+
+# vLLM's CPU build binds its model worker's threads to the CPUs this lists ("auto" by default).
+OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def _isolate_engine_cores(serve_cfg: ServeConfig) -> dict | None:
+    """Before this process starts the Ray it serves on, with CPU engines: name the CPUs of each
+    engine's model worker (those vLLM would bind it to anyway) and move this process to the
+    others, so that Ray's processes, all started from here, inherit them. Otherwise Ray's own
+    processes (GCS, raylet and the dashboard at niceness 0, above the engine's 15) and the
+    engine's scheduler take turns on the worker's CPUs, and each decoding step waits for them:
+    about a tenth of the throughput on two cores (BENCHMARKS.md)."""
+    from rayalign.cluster import engine_core_split
+
+    engine = serve_cfg.engine
+    if not (serve_cfg.isolate_engine_cores and engine.gpus_per_engine == 0 and engine.tensor_parallel_size == 1
+            and OMP_BIND not in os.environ and hasattr(os, "sched_setaffinity")):
+        return None
+    split = engine_core_split()
+    if split is None:
+        return None
+    before = os.sched_getaffinity(0)
+    os.environ[OMP_BIND] = ",".join(map(str, split[0]))
+    _set_affinity(set(split[1]))
+    return {"engine": split[0], "ray": split[1], "before": before}
+
+
+def _set_affinity(cpus: set[int]) -> None:
+    """Every thread of this process: a process's children inherit the affinity of the thread
+    that starts them."""
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except OSError:  # a thread that ended meanwhile
+            pass
 
 
 def serve_status(config: RunConfig) -> dict:

@@ -170,3 +170,31 @@ def test_free_port_is_free_and_outside_the_ports_ray_and_the_kernel_hand_out(mon
         with socket.socket() as s:
             s.bind(("0.0.0.0", port))
 
+
+
+def fake_cpus(root: Path, topology: dict[int, tuple[int, int, int]]) -> Path:
+    """A /sys/devices/system/cpu holding `cpu -> (numa node, package, core)`."""
+    for cpu, (node, package, core) in topology.items():
+        (root / f"cpu{cpu}" / f"node{node}").mkdir(parents=True)
+        (root / f"cpu{cpu}" / "topology").mkdir()
+        (root / f"cpu{cpu}" / "topology" / "physical_package_id").write_text(f"{package}\n")
+        (root / f"cpu{cpu}" / "topology" / "core_id").write_text(f"{core}\n")
+    return root
+
+
+def test_engine_core_split_takes_vllms_cpus_for_the_model_worker(tmp_path):
+    from rayalign.cluster import engine_core_split
+
+    # Two cores (as here): the worker gets the first, the rest of the world the second.
+    two = fake_cpus(tmp_path / "two", {0: (0, 0, 0), 1: (0, 0, 1)})
+    assert engine_core_split({0, 1}, two) == ([0], [1])
+    assert engine_core_split({1}, two) is None  # one CPU: nothing to split
+    # Hyper-threads: CPUs 0 and 2 share core 0, 1 and 3 core 1; vLLM takes the last sibling of
+    # each core, keeps the last core for others, and the other siblings stay with the rest.
+    smt = fake_cpus(tmp_path / "smt", {0: (0, 0, 0), 1: (0, 0, 1), 2: (0, 0, 0), 3: (0, 0, 1)})
+    assert engine_core_split({0, 1, 2, 3}, smt) == ([2], [0, 1, 3])
+    # Two NUMA nodes: the worker stays on the first node; the second goes to the rest.
+    numa = fake_cpus(tmp_path / "numa", {c: (c // 4, c // 4, c % 4) for c in range(8)})
+    assert engine_core_split(set(range(8)), numa) == ([0, 1, 2], [3, 4, 5, 6, 7])
+    # Only CPUs this process may use count.
+    assert engine_core_split({4, 5, 6}, numa) == ([4, 5], [6])

@@ -15,6 +15,7 @@ import openai
 import psutil
 import pytest
 
+from rayalign.cluster import engine_core_split
 from tests.conftest import PYTHON, free_port
 from tests.serve_fixtures import ENGINE
 
@@ -33,6 +34,22 @@ def wait_for_line(proc: subprocess.Popen, log: Path, text: str, timeout: float) 
             raise AssertionError(f"rayalign serve exited with {proc.returncode}:\n{out[-3000:]}")
         time.sleep(2)
     raise AssertionError(f"no {text!r} after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def thread_cpus(processes: list[psutil.Process]) -> set[frozenset[int]]:
+    """The distinct CPU sets that the threads of `processes` may run on."""
+    found = set()
+    for process in processes:
+        try:
+            threads = process.threads()
+        except psutil.NoSuchProcess:
+            continue
+        for thread in threads:
+            try:
+                found.add(frozenset(os.sched_getaffinity(thread.id)))
+            except OSError:  # ended meanwhile
+                pass
+    return found
 
 
 def test_serve_command_serves_until_sigterm_then_stops_its_ray(tiny_model, tmp_path):
@@ -61,6 +78,18 @@ def test_serve_command_serves_until_sigterm_then_stops_its_ray(tiny_model, tmp_p
         tree = psutil.Process(proc.pid).children(recursive=True)
         assert "haproxy" in {p.name() for p in tree}
         assert any(p.name() == "raylet" for p in tree)
+
+        # The model worker has its CPUs to itself; every other thread of the tree runs elsewhere.
+        split = engine_core_split()
+        if split is None:  # a one-CPU machine: nothing to keep apart
+            assert "model worker on CPUs" not in text
+        else:
+            engine, rest = split
+            assert f"the engine's model worker on CPUs {engine}, Ray's processes on {rest}" in text
+            workers = [p for p in tree if p.name() == "VLLM::Worker"]
+            assert len(workers) == 1
+            assert thread_cpus(workers) == {frozenset(engine)}
+            assert thread_cpus([p for p in tree if p not in workers]) == {frozenset(rest)}
 
         proc.send_signal(signal.SIGTERM)  # what `kill` sends; Ctrl-C takes the same path
         assert proc.wait(180) == 0, log.read_text()[-3000:]
