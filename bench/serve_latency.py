@@ -44,8 +44,8 @@ SERVER_NICENESS = 15
 # Each server runs in this process's session, in a process group of its own (killed as one).
 # Not in a session of its own: Linux's autogroup scheduling shares the CPU between sessions
 # before niceness counts, so the load generator stood level with a whole server and waited
-# for a core while answers sat unread in its sockets: 17-23 s of a 46 s run beside `rayalign
-# serve`, 1.1 s beside vLLM's server (2026-12-02). run_delay_s in the results keeps watch.
+# for a core while answers sat unread in its sockets: 17-23 s of 46-51 s runs beside `rayalign
+# serve`, 1.1 s beside vLLM's server (2026-12-02); load_generator_run_delay_s keeps watch.
 SERVER_GROUP = {"process_group": 0}
 
 
@@ -103,7 +103,8 @@ def run_delay() -> float:
 
 
 def engine_cores(server_pid: int) -> set[int]:
-    """The cores vLLM pinned the server's model worker to (VLLM_CPU_OMP_THREADS_BIND=auto)."""
+    """The cores vLLM pinned the server's model worker to (VLLM_CPU_OMP_THREADS_BIND, which
+    `rayalign serve` sets and vLLM's server leaves at auto: the same cores here)."""
     import psutil
 
     workers = [p for p in psutil.Process(server_pid).children(recursive=True) if p.name() == "VLLM::Worker"]

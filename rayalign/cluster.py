@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import atexit
 import os
+import platform
 import random
+import re
 import shutil
 import socket
 import tempfile
@@ -45,23 +47,25 @@ def check_shared_paths(config) -> None:
 
 # Ray's default worker ports (min_worker_port, max_worker_port).
 RAY_WORKER_PORTS = range(10002, 20000)
+_handed_out: set[int] = set()
 
 
 def free_port() -> int:
-    """A TCP port that is free on this machine now, and that a Ray started afterwards will not
-    take: outside Ray's worker ports and outside the kernel's range for port 0, from which Ray's
-    processes take many ports as they start (HAProxy once failed to bind a stats port handed
-    out a moment earlier by port 0)."""
+    """A TCP port that is free on this machine now, not handed out before by this process, and
+    that a Ray started afterwards will not take: outside Ray's worker ports and outside the
+    kernel's range for port 0, from which Ray's processes take many ports as they start
+    (HAProxy once failed to bind a stats port handed out a moment earlier by port 0)."""
     low, _ = _ephemeral_ports()
-    ports = list(range(RAY_WORKER_PORTS.stop, low))
-    random.shuffle(ports)
+    ports = [port for port in range(RAY_WORKER_PORTS.stop, low) if port not in _handed_out]
+    random.SystemRandom().shuffle(ports)  # independent of any seed the caller set
     for port in ports[:200]:
         with socket.socket() as s:
             try:
                 s.bind(("0.0.0.0", port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     with socket.socket() as s:  # no quiet range on this machine: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -75,32 +79,44 @@ def _ephemeral_ports() -> tuple[int, int]:
         return 32768, 60999  # Linux's default; other systems (macOS: 49152-65535) start higher
 
 
-def engine_core_split(allowed: set[int] | None = None,
+def engine_core_split(allowed: set[int] | None = None, node: int | None = None, machine: str | None = None,
                       cpus: Path = Path("/sys/devices/system/cpu")) -> tuple[list[int], list[int]] | None:
-    """(engine, rest): the CPUs that vLLM's CPU build binds one engine's model worker to by
-    default, and the other CPUs this process may use. vLLM takes one logical CPU per physical
-    core (the highest-numbered sibling) of the first NUMA node and leaves the last of them to
-    other processes. None where that leaves the worker no CPU (a single core)."""
+    """(engine, rest) on x86: the CPUs that vLLM's CPU build binds one engine's model worker to
+    by default, and the other CPUs this process may use. vLLM takes one logical CPU per physical
+    core (the highest-numbered sibling) on the first NUMA node this process may allocate memory
+    on, and leaves the last of them to other processes. None on other architectures (vLLM
+    chooses differently there) and where that leaves the worker no CPU (a single core)."""
+    if (machine or platform.machine()) not in ("x86_64", "AMD64"):
+        return None
     allowed = sorted(os.sched_getaffinity(0) if allowed is None else allowed)
+    node = _first_memory_node() if node is None else node
 
-    def node(cpu: int) -> int:
+    def node_of(cpu: int) -> int:
         nodes = sorted(cpus.glob(f"cpu{cpu}/node[0-9]*"))
-        return int(nodes[0].name[4:]) if nodes else 0
+        return int(nodes[0].name[4:]) if nodes else 0  # no NUMA information: one node
 
-    def core(cpu: int) -> tuple[str, str]:
-        topology = cpus / f"cpu{cpu}" / "topology"
+    def core_of(cpu: int) -> str:
         try:
-            return (topology / "physical_package_id").read_text(), (topology / "core_id").read_text()
+            return (cpus / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip()
         except OSError:
-            return "", str(cpu)
+            return str(cpu)
 
-    first = node(allowed[0]) if allowed else 0
-    last_sibling = {core(cpu): cpu for cpu in allowed if node(cpu) == first}
+    last_sibling = {core_of(cpu): cpu for cpu in allowed if node_of(cpu) == node}
     picked = sorted(last_sibling.values())
     if len(picked) < 2:
         return None
     engine = picked[:-1]
     return engine, [cpu for cpu in allowed if cpu not in engine]
+
+
+def _first_memory_node() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Mems_allowed_list:"):
+                return int(re.split(r"[,-]", line.split(":")[1].strip())[0])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def haproxy_wanted() -> bool:

@@ -335,9 +335,9 @@ class ServeConfig:
     ingress_cpus: float = 0.0
     # How long to wait for the application to run before giving up with Serve's reason.
     ready_timeout_s: float = 600.0
-    # CPU engines, when `rayalign serve` starts its own Ray: the engine's model worker keeps the
-    # CPUs vLLM binds it to, and Ray's own processes run on the others (VLLM_CPU_OMP_THREADS_BIND,
-    # when set, chooses the worker's CPUs instead and turns this off).
+    # CPU engines on x86, when `rayalign serve` starts its own Ray: vLLM's model workers keep the
+    # CPUs vLLM binds them to by default, and Ray's own processes run on the others (off where
+    # VLLM_CPU_OMP_THREADS_BIND or VLLM_CPU_NUM_OF_RESERVED_CPU is set: they choose instead).
     isolate_engine_cores: bool = True
     # Where the Serve config file (for `serve deploy`, KubeRay) is written; default <run_dir>/serve.
     output: str | None = None

@@ -21,6 +21,7 @@ file or a log: only the variable's name does.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import json
@@ -41,6 +42,8 @@ from rayalign.llm import engine_kwargs, placement
 BUILDER = "ray.serve.llm:build_openai_app"  # several models behind one ingress
 ONE_MODEL_BUILDER = "rayalign.serve:build_app"  # one model as its own ingress
 KEYED_INGRESS = "rayalign.serve:KeyedIngress"
+# vLLM's CPU build binds its model workers' threads to the CPUs this lists ("auto" by default).
+OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 
 
 class ServeError(RuntimeError):
@@ -186,8 +189,7 @@ def serve_models(config: RunConfig, models: dict[str, str], detach: bool) -> dic
 
     build = build_app if builder(args) == ONE_MODEL_BUILDER else build_openai_app
     owns_ray = not address and not ray.is_initialized()
-    cpus = _isolate_engine_cores(serve_cfg) if owns_ray else None  # before Ray starts: its processes inherit
-    try:
+    with _ray_kept_off_engine_cpus(serve_cfg, owns_ray) as cpus:
         connect(config.cluster)
         started = time.perf_counter()
         serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
@@ -202,19 +204,77 @@ def serve_models(config: RunConfig, models: dict[str, str], detach: bool) -> dic
                 "config_file": str(path), "detached": detach, "api_key_env": serve_cfg.api_key_env,
                 "seconds_to_ready": round(time.perf_counter() - started, 1)}
         if cpus:
-            info["engine_cpus"], info["ray_cpus"] = cpus["engine"], cpus["ray"]
-            print(f"rayalign serve: the engine's model worker on CPUs {cpus['engine']}, Ray's processes on "
-                  f"{cpus['ray']} (serve.isolate_engine_cores)", flush=True)
+            info["engine_cpus"], info["ray_cpus"] = cpus
+            print(f"rayalign serve: vLLM's model workers on CPUs {cpus[0]}, Ray's processes on {cpus[1]} "
+                  f"(serve.isolate_engine_cores)", flush=True)
         if detach:
             return info
         print(f"serving {', '.join(models)} at {info['base_url']} (Ctrl-C to stop; Serve config written to {path})",
               flush=True)
         _serve_until_stopped(serve_cfg.app_name, owns_ray)
         return info
+
+
+@contextlib.contextmanager
+def _ray_kept_off_engine_cpus(serve_cfg: ServeConfig, owns_ray: bool):
+    """Around starting a local Ray for CPU engines: yields (the model workers' CPUs, the others),
+    or None where it does nothing.
+
+    The workers get the CPUs vLLM binds them to by default, named in OMP_BIND, and this process
+    moves to the others, so that Ray's processes, all started from here, inherit them. Otherwise
+    Ray's own processes (GCS, raylet and the dashboard at niceness 0, above the engine's 15) and
+    the engine's scheduler take turns on the workers' CPUs, and each decoding step waits for
+    them: about a tenth of the throughput on two cores (BENCHMARKS.md)."""
+    split = _engine_split(serve_cfg) if owns_ray else None
+    before = _thread_affinities() if split else {}
+    if split:
+        try:
+            os.sched_setaffinity(0, split[1])  # this thread first: it starts Ray
+        except OSError:  # CPUs this process may not use after all
+            split = None
+    if split:
+        for thread in before:
+            _set_affinity(thread, set(split[1]))
+        os.environ[OMP_BIND] = ",".join(map(str, split[0]))
+    try:
+        yield split
     finally:
-        if cpus:
+        if split:
             os.environ.pop(OMP_BIND, None)
-            _set_affinity(cpus["before"])
+            for thread, cpus in before.items():
+                _set_affinity(thread, cpus)
+
+
+def _engine_split(serve_cfg: ServeConfig) -> tuple[list[int], list[int]] | None:
+    from rayalign.cluster import engine_core_split
+
+    kwargs = engine_kwargs(serve_cfg.engine)
+    workers = 1
+    for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        workers *= int(kwargs.get(key, 1))
+    # A user's own binding, reserve or memory nodes change what vLLM chooses: leave it to them.
+    chosen = {OMP_BIND, "VLLM_CPU_NUM_OF_RESERVED_CPU", "CPU_VISIBLE_MEMORY_NODES"} & set(os.environ)
+    if (not serve_cfg.isolate_engine_cores or serve_cfg.engine.gpus_per_engine or workers != 1 or chosen
+            or not hasattr(os, "sched_setaffinity")):
+        return None
+    return engine_core_split()
+
+
+def _thread_affinities() -> dict[int, set[int]]:
+    found = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            found[int(task.name)] = os.sched_getaffinity(int(task.name))
+        except OSError:  # ended meanwhile
+            pass
+    return found
+
+
+def _set_affinity(thread: int, cpus: set[int]) -> None:
+    try:
+        os.sched_setaffinity(thread, cpus)
+    except OSError:  # ended meanwhile
+        pass
 
 
 def _serve_until_stopped(app_name: str, owns_ray: bool) -> None:
@@ -235,42 +295,6 @@ def _serve_until_stopped(app_name: str, owns_ray: bool) -> None:
         serve.delete(app_name)
         if owns_ray:
             ray.shutdown()
-
-
-# vLLM's CPU build binds its model worker's threads to the CPUs this lists ("auto" by default).
-OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"
-
-
-def _isolate_engine_cores(serve_cfg: ServeConfig) -> dict | None:
-    """Before this process starts the Ray it serves on, with CPU engines: name the CPUs of each
-    engine's model worker (those vLLM would bind it to anyway) and move this process to the
-    others, so that Ray's processes, all started from here, inherit them. Otherwise Ray's own
-    processes (GCS, raylet and the dashboard at niceness 0, above the engine's 15) and the
-    engine's scheduler take turns on the worker's CPUs, and each decoding step waits for them:
-    about a tenth of the throughput on two cores (BENCHMARKS.md)."""
-    from rayalign.cluster import engine_core_split
-
-    engine = serve_cfg.engine
-    if not (serve_cfg.isolate_engine_cores and engine.gpus_per_engine == 0 and engine.tensor_parallel_size == 1
-            and OMP_BIND not in os.environ and hasattr(os, "sched_setaffinity")):
-        return None
-    split = engine_core_split()
-    if split is None:
-        return None
-    before = os.sched_getaffinity(0)
-    os.environ[OMP_BIND] = ",".join(map(str, split[0]))
-    _set_affinity(set(split[1]))
-    return {"engine": split[0], "ray": split[1], "before": before}
-
-
-def _set_affinity(cpus: set[int]) -> None:
-    """Every thread of this process: a process's children inherit the affinity of the thread
-    that starts them."""
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            os.sched_setaffinity(int(task.name), cpus)
-        except OSError:  # a thread that ended meanwhile
-            pass
 
 
 def serve_status(config: RunConfig) -> dict:

@@ -151,50 +151,56 @@ def test_haproxy_env_gives_each_ray_its_own_files_and_ports(monkeypatch):
     assert haproxy_env() == {}
 
 
-def test_free_port_is_free_and_outside_the_ports_ray_and_the_kernel_hand_out(monkeypatch):
+def test_free_port_is_free_new_and_outside_the_ports_ray_and_the_kernel_hand_out(monkeypatch):
     import socket
 
     from rayalign import cluster
 
     low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     assert cluster._ephemeral_ports() == (low, high)
-    with socket.socket() as busy:
-        busy.bind(("0.0.0.0", cluster.RAY_WORKER_PORTS.stop))
-        # The search meets the busy port first and moves on.
-        monkeypatch.setattr(cluster.random, "shuffle", lambda ports: ports.sort())
-        assert cluster.free_port() == cluster.RAY_WORKER_PORTS.stop + 1
-    monkeypatch.undo()
-    ports = {cluster.free_port() for _ in range(20)}
+    ports = [cluster.free_port() for _ in range(20)]
+    assert len(set(ports)) == 20  # never the same port twice in one process
     for port in ports:
         assert port not in cluster.RAY_WORKER_PORTS and not low <= port <= high
         with socket.socket() as s:
             s.bind(("0.0.0.0", port))
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        taken = busy.getsockname()[1]
+        # A range holding only a busy port: the kernel chooses instead.
+        monkeypatch.setattr(cluster, "_ephemeral_ports", lambda: (taken + 1, high))
+        monkeypatch.setattr(cluster, "RAY_WORKER_PORTS", range(taken))
+        port = cluster.free_port()
+    assert port != taken and low <= port <= high
 
 
-
-def fake_cpus(root: Path, topology: dict[int, tuple[int, int, int]]) -> Path:
-    """A /sys/devices/system/cpu holding `cpu -> (numa node, package, core)`."""
-    for cpu, (node, package, core) in topology.items():
+def fake_cpus(root: Path, topology: dict[int, tuple[int, int]]) -> Path:
+    """A /sys/devices/system/cpu holding `cpu -> (numa node, physical core)`."""
+    for cpu, (node, core) in topology.items():
+        siblings = ",".join(str(c) for c, (_, other) in sorted(topology.items()) if other == core)
         (root / f"cpu{cpu}" / f"node{node}").mkdir(parents=True)
         (root / f"cpu{cpu}" / "topology").mkdir()
-        (root / f"cpu{cpu}" / "topology" / "physical_package_id").write_text(f"{package}\n")
-        (root / f"cpu{cpu}" / "topology" / "core_id").write_text(f"{core}\n")
+        (root / f"cpu{cpu}" / "topology" / "thread_siblings_list").write_text(siblings + "\n")
     return root
 
 
 def test_engine_core_split_takes_vllms_cpus_for_the_model_worker(tmp_path):
     from rayalign.cluster import engine_core_split
 
-    # Two cores (as here): the worker gets the first, the rest of the world the second.
-    two = fake_cpus(tmp_path / "two", {0: (0, 0, 0), 1: (0, 0, 1)})
-    assert engine_core_split({0, 1}, two) == ([0], [1])
-    assert engine_core_split({1}, two) is None  # one CPU: nothing to split
+    def split(allowed, cpus, node=0, machine="x86_64"):
+        return engine_core_split(allowed, node=node, machine=machine, cpus=cpus)
+
+    # Two cores (as here): the worker gets the first, everything else the second.
+    two = fake_cpus(tmp_path / "two", {0: (0, 0), 1: (0, 1)})
+    assert split({0, 1}, two) == ([0], [1])
+    assert split({1}, two) is None  # one CPU: nothing to split
+    assert split({0, 1}, two, machine="aarch64") is None  # vLLM binds differently there
     # Hyper-threads: CPUs 0 and 2 share core 0, 1 and 3 core 1; vLLM takes the last sibling of
-    # each core, keeps the last core for others, and the other siblings stay with the rest.
-    smt = fake_cpus(tmp_path / "smt", {0: (0, 0, 0), 1: (0, 0, 1), 2: (0, 0, 0), 3: (0, 0, 1)})
-    assert engine_core_split({0, 1, 2, 3}, smt) == ([2], [0, 1, 3])
-    # Two NUMA nodes: the worker stays on the first node; the second goes to the rest.
-    numa = fake_cpus(tmp_path / "numa", {c: (c // 4, c // 4, c % 4) for c in range(8)})
-    assert engine_core_split(set(range(8)), numa) == ([0, 1, 2], [3, 4, 5, 6, 7])
-    # Only CPUs this process may use count.
-    assert engine_core_split({4, 5, 6}, numa) == ([4, 5], [6])
+    # each core and leaves the last core to others; the other siblings stay with the rest.
+    smt = fake_cpus(tmp_path / "smt", {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1)})
+    assert split({0, 1, 2, 3}, smt) == ([2], [0, 1, 3])
+    # Two NUMA nodes: the worker stays on the first memory node; the second goes to the rest.
+    numa = fake_cpus(tmp_path / "numa", {c: (c // 4, c) for c in range(8)})
+    assert split(set(range(8)), numa) == ([0, 1, 2], [3, 4, 5, 6, 7])
+    assert split({4, 5, 6}, numa) is None  # no allowed CPU on node 0: vLLM binds nothing there
+    assert split({4, 5, 6}, numa, node=1) == ([4, 5], [6])

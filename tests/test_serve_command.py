@@ -79,17 +79,18 @@ def test_serve_command_serves_until_sigterm_then_stops_its_ray(tiny_model, tmp_p
         assert "haproxy" in {p.name() for p in tree}
         assert any(p.name() == "raylet" for p in tree)
 
-        # The model worker has its CPUs to itself; every other thread of the tree runs elsewhere.
+        # The model worker has its CPUs to itself; every other thread of the command runs elsewhere.
         split = engine_core_split()
         if split is None:  # a one-CPU machine: nothing to keep apart
-            assert "model worker on CPUs" not in text
+            assert "model workers on CPUs" not in text
         else:
             engine, rest = split
-            assert f"the engine's model worker on CPUs {engine}, Ray's processes on {rest}" in text
+            assert f"vLLM's model workers on CPUs {engine}, Ray's processes on {rest}" in text
             workers = [p for p in tree if p.name() == "VLLM::Worker"]
             assert len(workers) == 1
             assert thread_cpus(workers) == {frozenset(engine)}
-            assert thread_cpus([p for p in tree if p not in workers]) == {frozenset(rest)}
+            others = [psutil.Process(proc.pid)] + [p for p in tree if p not in workers]
+            assert thread_cpus(others) == {frozenset(rest)}
 
         proc.send_signal(signal.SIGTERM)  # what `kill` sends; Ctrl-C takes the same path
         assert proc.wait(180) == 0, log.read_text()[-3000:]
