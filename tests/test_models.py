@@ -3,7 +3,6 @@ import json
 import subprocess
 
 import pytest
-import torch
 
 from rayalign.models import CHAT_TEMPLATE, PRESETS, build_tokenizer, init_model
 from tests.conftest import PYTHON, ROOT
