@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -111,19 +112,24 @@ def engine_cores(server_pid: int) -> set[int]:
     return set().union(*(set(p.cpu_affinity()) for p in workers)) if workers else set()
 
 
-def measure(base_url: str, prompts: list[str], args, server_pid: int) -> dict:
+@contextlib.contextmanager
+def off_engine_cores(server_pid: int):
     """The load generator (this process, niceness 0) keeps off the cores of the server's model
     worker (niceness 15): wherever the scheduler put it there, it preempted the worker, and both
     servers' rounds swung between full and half throughput."""
     everywhere = os.sched_getaffinity(0)
-    elsewhere = everywhere - engine_cores(server_pid)
-    os.sched_setaffinity(0, elsewhere or everywhere)
+    os.sched_setaffinity(0, (everywhere - engine_cores(server_pid)) or everywhere)
     try:
+        yield
+    finally:
+        os.sched_setaffinity(0, everywhere)
+
+
+def measure(base_url: str, prompts: list[str], args, server_pid: int) -> dict:
+    with off_engine_cores(server_pid):
         return {"load": asyncio.run(load(base_url, "bench", prompts, args.concurrency, args.max_tokens)),
                 "one_token_alone": asyncio.run(load(base_url, "bench", prompts, 1, 1)),
                 "load_generator_cores": sorted(os.sched_getaffinity(0))}
-    finally:
-        os.sched_setaffinity(0, everywhere)
 
 
 def bench_vllm(model: str, prompts: list[str], args, measure=measure) -> dict:

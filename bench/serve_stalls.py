@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_latency import ENGINE, SERVER_NICENESS, bench_rayalign, bench_vllm, engine_cores, run_delay  # noqa: E402
+from serve_latency import ENGINE, SERVER_NICENESS, bench_rayalign, bench_vllm, off_engine_cores, run_delay  # noqa: E402
 
 
 async def stream_load(base_url: str, prompts: list[str], concurrency: int,
@@ -113,13 +113,8 @@ def main() -> None:
     prompts = [f"Continue: {line}" for line in builtin_corpus(seed=7, sentences=args.requests)]
 
     def measure(base_url: str, prompts: list[str], args, server_pid: int) -> dict:
-        # As in serve_latency.measure: the load generator keeps off the model worker's cores.
-        everywhere = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, (everywhere - engine_cores(server_pid)) or everywhere)
-        try:
+        with off_engine_cores(server_pid):
             requests, waited = asyncio.run(stream_load(base_url, prompts, args.concurrency, args.max_tokens))
-        finally:
-            os.sched_setaffinity(0, everywhere)
         return {**summarise(requests, args.stall_ms / 1000), "load_generator_run_delay_s": round(waited, 2)}
 
     rounds = {"vllm_serve": [], "rayalign_serve": []}

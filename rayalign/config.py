@@ -336,8 +336,9 @@ class ServeConfig:
     # How long to wait for the application to run before giving up with Serve's reason.
     ready_timeout_s: float = 600.0
     # CPU engines on x86, when `rayalign serve` starts its own Ray: vLLM's model workers keep the
-    # CPUs vLLM binds them to by default, and Ray's own processes run on the others (off where
-    # VLLM_CPU_OMP_THREADS_BIND or VLLM_CPU_NUM_OF_RESERVED_CPU is set: they choose instead).
+    # CPUs vLLM binds them to by default, and Ray's own processes run on the others. Off for
+    # engines with several workers (tensor, pipeline or data parallel) and where
+    # VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU or CPU_VISIBLE_MEMORY_NODES is set.
     isolate_engine_cores: bool = True
     # Where the Serve config file (for `serve deploy`, KubeRay) is written; default <run_dir>/serve.
     output: str | None = None
