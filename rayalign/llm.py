@@ -8,10 +8,32 @@ resources differ.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Callable
 
 from rayalign.config import EngineConfig
+
+
+def engine_dtype(engine: EngineConfig) -> str:
+    """`engine.dtype`, with `auto` on a CPU engine resolved as `train.precision: auto` is:
+    bfloat16 where the CPU computes it natively, float32 otherwise. vLLM's own `auto` runs a
+    float32 checkpoint in bfloat16, which a CPU without native bf16 (AVX2 only) runs about 8x
+    slower. On GPUs `auto` stays vLLM's choice."""
+    if engine.dtype != "auto" or engine.gpus_per_engine:
+        return engine.dtype
+    return _cpu_dtype()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_dtype() -> str:
+    from rayalign.train.engine import cpu_has_bf16
+
+    native = cpu_has_bf16()
+    dtype = "bfloat16" if native else "float32"
+    print(f"rayalign: engine dtype auto -> {dtype} on CPU (this CPU {'has' if native else 'has no'} native bf16)",
+          flush=True)
+    return dtype
 
 
 def engine_kwargs(engine: EngineConfig) -> dict:
@@ -22,8 +44,8 @@ def engine_kwargs(engine: EngineConfig) -> dict:
         # Without the whitespace rule a weak model can pad JSON with spaces until max_tokens.
         "structured_outputs_config": {"backend": engine.structured_output_backend, "disable_any_whitespace": True},
     }
-    if engine.dtype != "auto":
-        kwargs["dtype"] = engine.dtype
+    if engine_dtype(engine) != "auto":
+        kwargs["dtype"] = engine_dtype(engine)
     if engine.gpus_per_engine == 0:
         # vLLM's CPU sampler rejects per-request seeds under chunked prefill ("CPU Generator
         # does not use offset", which kills the engine); seeds make redone units reproducible.
@@ -43,8 +65,9 @@ def placement(engine: EngineConfig) -> dict:
 def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict],
                output_prefix: str, eos_token_id: int | None = None):
     """A function from dataset to dataset: `request(row)` returns {"messages", "temperature", "max_tokens", "seed",
-    "schema"}; the output row is the input row plus `{prefix}_text`, `{prefix}_tokens`,
-    `{prefix}_truncated` (hit max_tokens without eos) and `{prefix}_error` ('' when fine)."""
+    "schema"}; the output row is the input row plus `{prefix}_text`, `{prefix}_tokens` (the count),
+    `{prefix}_token_ids` (the generated ids, eos included), `{prefix}_truncated` (hit max_tokens
+    without eos) and `{prefix}_error` ('' when fine)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     config = vLLMEngineProcessorConfig(
@@ -75,7 +98,8 @@ def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict]
                      and (not tokens or tokens[-1] != eos_token_id))
         keep = {k: v for k, v in row.items() if k not in _ENGINE_COLUMNS}
         return {**keep, f"{output_prefix}_text": row.get("generated_text") or "",
-                f"{output_prefix}_tokens": len(tokens), f"{output_prefix}_truncated": bool(truncated),
+                f"{output_prefix}_tokens": len(tokens), f"{output_prefix}_token_ids": [int(t) for t in tokens],
+                f"{output_prefix}_truncated": bool(truncated),
                 f"{output_prefix}_error": str(error)}
 
     # Rows the engine failed on skip the processor's postprocess (ray.data.llm returns them

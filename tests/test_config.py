@@ -204,3 +204,35 @@ def test_engine_core_split_takes_vllms_cpus_for_the_model_worker(tmp_path):
     assert split(set(range(8)), numa) == ([0, 1, 2], [3, 4, 5, 6, 7])
     assert split({4, 5, 6}, numa) is None  # no allowed CPU on node 0: vLLM binds nothing there
     assert split({4, 5, 6}, numa, node=1) == ([4, 5], [6])
+
+
+def test_engine_dtype_auto_on_cpu_follows_the_cpu(capsys):
+    from rayalign.llm import _cpu_dtype, engine_kwargs
+    from rayalign.train.engine import cpu_has_bf16, resolve_precision
+
+    _cpu_dtype.cache_clear()
+    native = cpu_has_bf16()
+    expected = "bfloat16" if native else "float32"
+    engine = load_config(None, []).clair.engine
+    assert engine.dtype == "auto"
+    assert engine_kwargs(engine)["dtype"] == expected
+    # The same choice as train.precision: auto on this machine, said once.
+    assert {"bf16": "bfloat16", "fp32": "float32"}[resolve_precision("auto", use_gpu=False)] == expected
+    engine_kwargs(engine)
+    said = f"rayalign: engine dtype auto -> {expected} on CPU (this CPU {'has' if native else 'has no'} native bf16)\n"
+    assert capsys.readouterr().out == said
+    # A dtype the user chose, and GPU engines, are left to them and to vLLM.
+    assert engine_kwargs(load_config(None, ["clair.engine.dtype=bfloat16"]).clair.engine)["dtype"] == "bfloat16"
+    assert "dtype" not in engine_kwargs(load_config(None, ["clair.engine.gpus_per_engine=1"]).clair.engine)
+
+
+def test_the_smollm2_example_holds_the_real_model_demos_settings():
+    from rayalign.demo import pretrained_config
+
+    example = yaml.safe_load((ROOT / "examples" / "smollm2-cpu.yaml").read_text())
+    run = Path(example["run_dir"])
+    demo = pretrained_config(run, run / "model")
+    # The example also names the model and pairs for `rayalign train` on its own.
+    assert {k: v for k, v in example["train"].items() if k not in ("model", "pairs")} == demo["train"]
+    assert (example["train"]["model"], example["train"]["pairs"]) == (str(run / "model"), str(run / "clair" / "pairs"))
+    assert {k: v for k, v in example.items() if k != "train"} == {k: v for k, v in demo.items() if k != "train"}
