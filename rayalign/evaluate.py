@@ -2,9 +2,13 @@
 
 Kinds (`eval.kind`):
 - `exact`: a rayalign prompt file (id, prompt, reference); a response is correct when its final
-  answer equals the reference after the normalisation of `rayalign.clair.verifier` (NFKC,
-  case folded, whitespace collapsed, one trailing period dropped; `eval.answer_pattern` picks
-  the final answer out of a longer response).
+  answer says the reference, by `rayalign.clair.verifier.is_correct`: a short response is the
+  answer itself (compared after NFKC, case folding, whitespace collapsing and dropping a
+  trailing period); in prose ("The capital of Kenya is Nairobi.") the answer span is found, and
+  the words and numbers of the prompt's last user message are never taken for it;
+  `eval.answer_pattern` picks the final answer out of a longer response instead. Rows whose
+  `metadata.family` is a string are also scored per family (`by_family`, present when any row
+  has one).
 - `choice`: benchmark files in JSONL, Parquet, a `datasets` directory, or a JSON list or
   id-keyed object (MixEval's own files). Each item is read by one of two adapters:
     MMLU style    {question, choices: [...], answer: index or letter, id?}
@@ -17,12 +21,17 @@ Kinds (`eval.kind`):
 - `judge`: pairwise. Both `eval.models` answer each prompt; the judge compares the answers
   twice with the order swapped, and a model wins only when it wins in both orders
   (`swap_consistent`); otherwise it is a tie. Unparsable verdicts and failed requests are
-  counted apart. Win rate = (wins + ties / 2) / (wins + losses + ties).
+  counted apart. Win rate = (wins + ties / 2) / (wins + losses + ties). When rows carry
+  references, both answers are also scored as in `exact` (`exact`, per example `correct`), and
+  the judge is checked against that score (`agreement`): on the decisive prompts, where exactly
+  one answer is right, it agrees when its outcome picks the right one. A judge whose win rates
+  are worth reading agrees well above half the time.
 
 Transient endpoint errors are retried with backoff (`clair.endpoint.Endpoint`); an example that
-still fails is recorded as failed: neither right nor wrong, and never dropped. Accuracy and win
-rate come with a Wilson 95% interval. Under `eval.output` (default <run_dir>/eval): results.json,
-results.md, results.png and examples.jsonl (every example with its response, for re-scoring).
+still fails is recorded as failed: neither right nor wrong, and never dropped. Accuracy, win
+rate and agreement come with a Wilson 95% interval. Under `eval.output` (default
+<run_dir>/eval): results.json, results.md, results.png and examples.jsonl (every example with
+its response, for re-scoring).
 """
 
 from __future__ import annotations
@@ -96,6 +105,32 @@ def tally_judgments(examples: list[dict]) -> dict:
     return {"n": len(examples), "wins": counts["win"], "losses": counts["loss"], "ties": counts["tie"],
             "unparsable": counts["unparsable"], "failed": counts["failed"],
             "win_rate": score / decided if decided else None, "ci95": wilson(score, decided)}
+
+
+def family_accuracy(examples: list[dict]) -> dict:
+    """accuracy() per family, over the examples that have one (their "family" key)."""
+    families: dict[str, list[dict]] = {}
+    for e in examples:
+        if e.get("family") is not None:
+            families.setdefault(e["family"], []).append(e)
+    return {name: accuracy(group) for name, group in sorted(families.items())}
+
+
+def agreement(examples: list[dict]) -> dict:
+    """How often the judge's outcome for the first model ("outcome") picks the answer that exact
+    match ("correct": one bool or None per model) says is right, on the decisive examples: both
+    answers scored, exactly one right. Its ties, unparsable verdicts and failures are counted apart."""
+    decisive = [e for e in examples if list(e["correct"]) in ([True, False], [False, True])]
+    counts = dict.fromkeys(("agree", "disagree", "tie", "unparsable", "failed"), 0)
+    for e in decisive:
+        if e["outcome"] in ("win", "loss"):
+            picked = 0 if e["outcome"] == "win" else 1
+            counts["agree" if e["correct"][picked] else "disagree"] += 1
+        else:
+            counts[e["outcome"]] += 1
+    decided = counts["agree"] + counts["disagree"]
+    return {"decisive": len(decisive), **counts, "rate": counts["agree"] / decided if decided else None,
+            "ci95": wilson(counts["agree"], decided)}
 
 
 # ---- choice data --------------------------------------------------------------------------------
@@ -255,6 +290,19 @@ def _request(ev, messages: list[dict]) -> dict:
     return {"messages": messages, "temperature": ev.temperature, "max_tokens": ev.max_tokens}
 
 
+def score_exact(row: dict, answer: dict, pattern: str | None) -> bool | None:
+    """Whether the answer says the row's reference; None when it failed or there is no reference.
+    The question is the last user message: a system message's words may well be the answer."""
+    if answer["failed"] or "reference" not in row:
+        return None
+    return is_correct(answer["response"], row["reference"], pattern, question=records.question_text(row))
+
+
+def _family(row: dict) -> str | None:
+    family = row["metadata"].get("family")
+    return family if isinstance(family, str) else None
+
+
 def _judge_request(ev, text: str, schema: dict) -> dict:
     return {"messages": [{"role": "user", "content": text}], "temperature": 0.0, "max_tokens": ev.judge_max_tokens,
             "schema": bounded(schema, ev.judge_max_chars) if ev.judge_structured else None}
@@ -271,11 +319,12 @@ def eval_exact(config: RunConfig, asker: Asker, judge: Asker | None, models: lis
     examples, results = [], {}
     for model in models:
         answers = asker.ask(model, [_request(ev, records.prompt_messages(r)) for r in rows], f"eval {model}")
-        mine = [{"model": model, "id": r["id"], "prompt": r["prompt"], "reference": r["reference"], **a,
-                 "correct": None if a["failed"] else is_correct(a["response"], r["reference"], ev.answer_pattern)}
+        mine = [{"model": model, "id": r["id"], "prompt": r["prompt"], "reference": r["reference"],
+                 "family": _family(r), **a, "correct": score_exact(r, a, ev.answer_pattern)}
                 for r, a in zip(rows, answers)]
         examples += mine
-        results[model] = accuracy(mine)
+        families = family_accuracy(mine)
+        results[model] = {**accuracy(mine), "by_family": families} if families else accuracy(mine)
     return results, examples
 
 
@@ -314,7 +363,8 @@ def eval_judge(config: RunConfig, asker: Asker, judge: Asker | None, models: lis
     first, second = models
     rows = records.load_prompts(ev.data)[:ev.limit]
     answers = [asker.ask(m, [_request(ev, records.prompt_messages(r)) for r in rows], f"answer {m}") for m in models]
-    examples = [{"id": r["id"], "prompt": r["prompt"], "models": [first, second], "answers": [a, b],
+    examples = [{"id": r["id"], "prompt": r["prompt"], "reference": r.get("reference"), "models": [first, second],
+                 "answers": [a, b], "correct": [score_exact(r, x, ev.answer_pattern) for x in (a, b)],
                  "judgments": [], "outcome": "failed" if a["failed"] or b["failed"] else None,
                  "error": a["error"] or b["error"]} for r, a, b in zip(rows, *answers)]
     pending = [e for e in examples if e["outcome"] is None]
@@ -329,7 +379,13 @@ def eval_judge(config: RunConfig, asker: Asker, judge: Asker | None, models: lis
         failed = [v["error"] for v in pair if v["failed"]]
         e["outcome"] = "failed" if failed else judge_outcome(*e["judgments"], ev.judge_structured)
         e["error"] = failed[0] if failed else None
-    return {f"{first} vs {second}": tally_judgments(examples)}, examples
+    result = tally_judgments(examples)
+    referenced = [e for e in examples if e["reference"] is not None]
+    if referenced:
+        result["agreement"] = agreement(referenced)
+        result["exact"] = {m: accuracy([{"failed": e["answers"][i]["failed"], "correct": e["correct"][i]}
+                                        for e in referenced]) for i, m in enumerate(models)}
+    return {f"{first} vs {second}": result}, examples
 
 
 KINDS = {"exact": eval_exact, "choice": eval_choice, "judge": eval_judge}
@@ -391,12 +447,42 @@ def markdown(summary: dict) -> str:
         rows += [f"| {name} | {_pct(r['win_rate'])} | {_ci(r['ci95'])} | {r['wins']} | {r['losses']} | "
                  f"{r['ties']} | {r['unparsable']} | {r['failed']} |" for name, r in summary["results"].items()]
         note = f"\nJudge: {summary['judge_model']}; each pair judged in both orders.\n"
+        note += "".join(_agreement_lines(name, r) for name, r in summary["results"].items() if "agreement" in r)
     else:
         rows = ["| model | accuracy | 95% CI | correct / scored | failed |", "|---|---|---|---|---|"]
         rows += [f"| {name} | {_pct(r['accuracy'])} | {_ci(r['ci95'])} | {r['correct']} / {r['scored']} | "
                  f"{r['failed']} |" for name, r in summary["results"].items()]
         note = "\nFailed examples (the endpoint gave no answer after retries) are not scored.\n"
+        note += _family_table(summary["results"])
     return head + "\n".join(rows) + "\n" + note
+
+
+def family_table(results: dict) -> list[str]:
+    """Families as rows, models as columns: accuracy (correct / scored); no lines without families."""
+    families = sorted({f for r in results.values() for f in r.get("by_family", {})})
+    if not families:
+        return []
+    lines = ["| family | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
+    for family in families:
+        cells = [results[m].get("by_family", {}).get(family) for m in results]
+        text = ["n/a" if c is None else f"{_pct(c['accuracy'])} ({c['correct']} / {c['scored']})" for c in cells]
+        lines.append(f"| {family} | {' | '.join(text)} |")
+    return lines
+
+
+def _family_table(results: dict) -> str:
+    lines = family_table(results)
+    return "\n".join(["", "## By family", "", *lines]) + "\n" if lines else ""
+
+
+def _agreement_lines(name: str, r: dict) -> str:
+    a = r["agreement"]
+    decided = a["agree"] + a["disagree"]
+    exact = ", ".join(f"{m} {_pct(x['accuracy'])} ({x['correct']} / {x['scored']})" for m, x in r["exact"].items())
+    return (f"\n{name}: judge agrees with exact match on {a['agree']} of {a['decisive']} decisive prompts "
+            f"(one answer right, one wrong): {_pct(a['rate'])} of the {decided} it decided, 95% CI {_ci(a['ci95'])}; "
+            f"{a['tie']} ties, {a['unparsable']} unparsable, {a['failed']} failed.\n"
+            f"Exact match on the same prompts: {exact}.\n")
 
 
 def plot(summary: dict, path: Path) -> None:

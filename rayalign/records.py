@@ -172,6 +172,13 @@ def prompt_messages(row: dict) -> list[dict]:
     return [{"role": "user", "content": row["prompt"]}]
 
 
+def question_text(row: dict) -> str:
+    """The prompt's last user message: the question a reference answers (a system message's
+    words may well be the answer)."""
+    messages = prompt_messages(row)
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+
+
 def json_type(value: Any) -> str:
     """The JSON name of a value's type, as users see it in their files."""
     if isinstance(value, bool):

@@ -109,6 +109,9 @@ def test_verifier_normalisation_and_correctness():
 def test_verifier_revision_is_minimal():
     # Whole response is the answer: the revision is the reference.
     assert verifier.revise("0 7 1 8", "0 7 1 9") == "0 7 1 9"
+    # A digit task's answer is the whole response, however long: it is replaced whole.
+    assert not verifier.is_correct("0 7 1 9 9 9", "0 7 1 9", question="add: 1 2 3 + 4 5 6")
+    assert verifier.revise("0 7 1 9 9 9", "0 7 1 9", question="add: 1 2 3 + 4 5 6") == "0 7 1 9"
     # With a pattern only the final answer changes; the reasoning is kept verbatim.
     response = "First 3+4 is 8.\nanswer: 8"
     assert verifier.revise(response, "7", pattern=r"answer:\s*(.+)") == "First 3+4 is 8.\nanswer: 7"
@@ -124,3 +127,89 @@ def test_verifier_score_prefers_the_closer_answer():
     assert near == pytest.approx(0.999 * (1 - 1 / 7))
     assert far == pytest.approx(0.999 * (1 - 3 / 7))  # three digits differ
     assert verifier.score("nothing", "7", pattern=r"answer:\s*(.+)") == 0.0
+
+
+# Real answers of SmolLM2-135M-Instruct (greedy, chat template), as the verifier meets them.
+@pytest.mark.parametrize("question, reference, response, revised", [
+    ("What is 23 + 24?", "47", "23 + 24 equals 58.", "23 + 24 equals 47."),
+    # Every mention of the wrong value goes, in its own form; the question's numbers stay.
+    ("What is 97 + 60?", "157", "The answer is 15. 97 + 60 equals 15.", "The answer is 157. 97 + 60 equals 157."),
+    ("How many legs does a duck have?", "2", "The answer to this classic question is 4. A duck has four legs.",
+     "The answer to this classic question is 2. A duck has two legs."),
+    ("What is the sum of nineteen and two?", "21", 'The answer is "twenty-five."', 'The answer is "twenty-one."'),
+    ('How many times does the letter "i" appear in the word "giraffe"?', "1",
+     'The letter "i" appears twice in the word "giraffe".', 'The letter "i" appears once in the word "giraffe".'),
+    ('How many times does the letter "b" appear in the word "strawberry"?', "1",
+     'The letter "b" appears 2 times in the word "strawberry".', 'The letter "b" appears 1 time in the word "strawberry".'),
+    ("What is the capital of Australia?", "Canberra", "The capital of Australia is Sydney.",
+     "The capital of Australia is Canberra."),
+    ("What is the capital of Brazil?", "Brasilia", "The capital of Brazil is Sao Paulo.",
+     "The capital of Brazil is Brasilia."),
+    # A quoted answer is replaced where it is quoted again, and nowhere else.
+    ('What is the opposite of "clean"?', "dirty", 'The opposite of "clean" is "degraded" or "degraded" is a rare word.',
+     'The opposite of "clean" is "dirty" or "dirty" is a rare word.'),
+    ('What is the opposite of "old"?', "young", 'The opposite of "old" is "new" - a new era.',
+     'The opposite of "old" is "young" - a new era.'),
+    ('What is the plural of "goose"?', "geese", 'The plural of "goose" is "goosees."', 'The plural of "goose" is "geese."'),
+    ("What is the capital of Spain?", "Madrid", "El Salvador, also known as La España, is the capital of Spain.",
+     "Madrid, also known as La España, is the capital of Spain."),
+    # Short answers: the answer in them is replaced, the rest kept.
+    ("What is the capital of France?", "Paris", "Lyon.", "Paris."),
+    ("What is the capital of France?", "Paris", "It's Rome.", "It's Paris."),
+    ("You have three apples and get four more. How many apples do you have?", "7", "Eight apples.", "Seven apples."),
+    # A short answer with nothing new in it is replaced whole.
+    ("What is the capital of France?", "Paris", "France.", "Paris"),
+    # The answer comes before a quoted mention of it: the answer is revised.
+    ("What is the capital of Lithuania?", "Vilnius", 'The capital of Lithuania is Lilava, or "Lilava" in Lithuanian.',
+     'The capital of Lithuania is Vilnius, or "Lilava" in Lithuanian.'),
+])
+def test_verifier_revises_only_the_wrong_answer_in_prose(question, reference, response, revised):
+    assert not verifier.is_correct(response, reference, question=question)
+    assert verifier.revise(response, reference, question=question) == revised
+    assert verifier.is_correct(revised, reference, question=question)
+
+
+@pytest.mark.parametrize("question, reference, response, found", [
+    ("What is 20 + 8?", "28", "20 + 8 = 28", "28"),
+    ("What is the capital of Russia?", "Moscow", "The capital of Russia is Moscow.", "Moscow"),
+    ("What is the capital of Russia?", "Moscow", "Moscow is the capital of Russia.", "Moscow"),
+    ('What is the opposite of "up"?', "down", 'The opposite of "up" is "down" in mathematics.', "down"),
+    ("What language is spoken in Brazil?", "Portuguese", "The language spoken in Brazil is predominantly Portuguese.",
+     "predominantly Portuguese"),
+    ("What is 4 + 9?", "13", "To solve this, you need to add 4 and 9, which is thirteen.", "thirteen"),
+    ("What is the capital of France?", "Paris", "Paris.", "Paris"),
+    # Short answers that say more than the answer.
+    ("What is the capital of France?", "Paris", "It's Paris.", "Paris"),
+    ("What is the capital of France?", "Paris", "Paris, France.", "Paris"),
+    ("What is the capital of India?", "New Delhi", "It's New Delhi.", "New Delhi"),
+    ("You have three apples and get four more. How many apples do you have?", "7", "Seven apples.", "Seven"),
+])
+def test_verifier_finds_a_right_answer_in_prose(question, reference, response, found):
+    start, end = verifier.answer_span(response, reference, question=question)
+    assert response[start:end] == found
+    assert verifier.is_correct(response, reference, question=question)
+    assert verifier.revise(response, reference, question=question) == response
+    assert verifier.score(response, reference, question=question) == 1.0
+
+
+@pytest.mark.parametrize("question, reference, response", [
+    # Only the question's own numbers, or a number inside a longer word: no answer.
+    ("What is 34 + 33?", "67", "Three-fourths of a dozen is 34 + 33."),
+    ("What is six plus eleven?", "17", "Six plus eleven is the sum of six and eleven."),
+    # A description, not an answer.
+    ("What is the capital of Cuba?", "Havana", "Cuba is a Latin American country located in the Caribbean."),
+    ("What is the capital of Belgium?", "Brussels", "Belgium is the largest European country, bordering France."),
+    # An answer that repeats the question cannot be told from the question.
+    ("Which day comes after Sunday?", "Monday", "The day after Sunday is Sunday."),
+])
+def test_verifier_finds_no_answer_where_there_is_none(question, reference, response):
+    assert verifier.answer_span(response, reference, question=question) is None
+    assert verifier.revise(response, reference, question=question) is None
+    assert not verifier.is_correct(response, reference, question=question)
+    assert verifier.score(response, reference, question=question) == 0.0
+
+
+def test_number_values_in_digits_and_words():
+    assert [verifier.number_value(t) for t in ("1,024", "-3.5", "twenty-one", "Twenty one", "twice", "nineteen")] == [
+        1024, -3.5, 21, 21, 2, 19]
+    assert verifier.number_value("twentyish") is None

@@ -39,10 +39,11 @@ def test_answer_outcome_rejects_failed_and_truncated_answers():
 def test_verifier_reviser_outcomes():
     pair = stages.verifier_revise(unit(), None)
     assert (pair["outcome"], pair["chosen"], pair["rejected"]) == ("pair", "0 7 1 9", "0 7 1 8")
-    assert stages.verifier_revise(unit(answer="0 7 1 9"), None)["outcome"] == "identical"
+    right = stages.verifier_revise(unit(answer="0 7 1 9"), None)
+    assert (right["outcome"], right["detail"]) == ("already_correct", "the final answer '0 7 1 9' is already right")
     assert stages.verifier_revise(unit(reference=""), None)["outcome"] == "no_reference"
     nomatch = stages.verifier_revise(unit(answer="no idea"), r"answer:\s*(.+)")
-    assert (nomatch["outcome"], nomatch["detail"]) == ("unparsable", "no final answer matched answer_pattern")
+    assert (nomatch["outcome"], nomatch["detail"]) == ("no_answer", "no final answer matched answer_pattern")
     failed = stages.verifier_revise(unit(answer_error="boom"), None)
     assert failed["outcome"] == "generation_failed"
 
@@ -141,8 +142,20 @@ def test_shard_writer_writes_each_unit_once_and_is_idempotent(tmp_path):
                     "source": "clair", "reviser": "verifier", "jaccard": pytest.approx(3 / 5), "levenshtein": 1,
                     "metadata": {"prompt_id": "a", "sample": 0}}
     reject = json.loads(reject_file.read_text())
-    assert (reject["id"], reject["reason"], reject["answer"]) == ("b", "identical", "0 7 1 9")
+    assert (reject["id"], reject["reason"], reject["answer"]) == ("b", "already_correct", "0 7 1 9")
     assert outcomes.completed_ids(tmp_path) == {"a", "b"}  # the deferred unit stays pending
+
+
+def test_pairs_keep_the_token_ids_the_target_generated():
+    row = {**unit(answer="0 7 1 8", answer_token_ids=np.array([9, 8, 7, 2])), "raw": ""}  # as Ray Data passes it
+    row = stages.verifier_revise(row, None)
+    pair = outcomes.pair_row(row, row["chosen"], row["rejected"], "clair", "verifier")
+    assert pair["metadata"] == {"prompt_id": "u1", "sample": 0, "rejected_token_ids": [9, 8, 7, 2]}
+    # Judge mode: both sides are samples of the target, each with its own ids.
+    judged = {**row, "answer_b": "0 7 1 9", "answer_b_token_ids": [9, 8, 6, 2]}
+    pair = outcomes.pair_row(judged, "0 7 1 9", "0 7 1 8", "onpolicy_judge", "verifier")
+    assert (pair["metadata"]["chosen_token_ids"], pair["metadata"]["rejected_token_ids"]) == ([9, 8, 6, 2],
+                                                                                              [9, 8, 7, 2])
 
 
 def test_conversational_prompts_give_conversational_pairs(tmp_path):

@@ -42,6 +42,24 @@ def test_short_pair_is_kept_whole_with_chat_template_and_eos(tokenizer):
     assert enc.truncated == []
 
 
+def test_generated_token_ids_are_scored_when_they_decode_to_the_text(tokenizer):
+    eos = tokenizer.eos_token_id
+    # A sample split the way a model may write it, not the way its text tokenizes.
+    pieces = [ids(tokenizer, piece) for piece in ("The wa", "ter is ", "warm")]
+    generated = [t for piece in pieces for t in piece]
+    assert tokenizer.decode(generated) == "The water is warm" and generated != ids(tokenizer, "The water is warm")
+    row = {"id": "a", "prompt": "Hi?", "chosen": "The water is cold", "rejected": "The water is warm",
+           "metadata": {"rejected_token_ids": generated + [eos]}}
+    enc = encode_pair(tokenizer, row, max_length=64, max_prompt_length=32)
+    assert enc.rejected_ids == generated + [eos]
+    assert enc.chosen_ids == ids(tokenizer, "The water is cold") + [eos]
+    # Ids without the eos get it; ids of another text (another tokenizer, an edited pair) are not used.
+    assert encode_pair(tokenizer, {**row, "metadata": {"rejected_token_ids": generated}}, 64, 32).rejected_ids == (
+        generated + [eos])
+    edited = {**row, "rejected": "The water is hot"}
+    assert encode_pair(tokenizer, edited, 64, 32).rejected_ids == ids(tokenizer, "The water is hot") + [eos]
+
+
 def test_long_pair_is_truncated_and_an_unfittable_one_skipped(tokenizer):
     long_prompt = "the answer is " * 20 + "what now?"
     long_answer = " ".join(["water"] * 40)

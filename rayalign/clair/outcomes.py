@@ -28,6 +28,8 @@ REASONS = (
     "revision_too_long",  # the reviser's output hit max_tokens
     "empty_revision",
     "identical",          # the revision equals the original (the answer needed no change)
+    "already_correct",    # the verifier found the final answer right: nothing to revise
+    "no_answer",          # the verifier found no final answer in the response to correct
     "no_reference",       # the verifier needs a reference answer
     "tie",                # the judge preferred neither sample
 )
@@ -69,15 +71,23 @@ def completed_ids(out_dir: Path) -> set[str]:
 
 
 def pair_row(row: dict, chosen: str, rejected: str, source: str, reviser: str) -> dict:
-    """A pair in TRL's layout; the reviser's or judge's full output is kept in metadata."""
+    """A pair in TRL's layout; the reviser's or judge's full output is kept in metadata, and so
+    are the token ids the target generated for a side that is its own answer
+    (`rejected_token_ids`, `chosen_token_ids`), so training scores exactly those tokens."""
     prompt = json.loads(row["prompt_json"])
     conversational = isinstance(prompt, list)
     wrap = (lambda text: [{"role": "assistant", "content": text}]) if conversational else (lambda text: text)
+    # Ray Data hands list columns over as arrays: test by length, not truth.
+    generated = {row.get(text): row[ids] for text, ids in (("answer_b", "answer_b_token_ids"),
+                                                           ("answer", "answer_token_ids"))
+                 if row.get(ids) is not None and len(row[ids])}
+    token_ids = {f"{side}_token_ids": [int(t) for t in generated[text]]
+                 for side, text in (("chosen", chosen), ("rejected", rejected)) if text in generated}
     return {
         "id": row["unit_id"], "prompt": prompt, "chosen": wrap(chosen), "rejected": wrap(rejected),
         "source": source, "reviser": reviser, **contrast(chosen, rejected),
         "metadata": {"prompt_id": row["prompt_id"], "sample": int(row["sample"]),
-                     **({"reviser_output": row["raw"]} if row.get("raw") else {})},
+                     **({"reviser_output": row["raw"]} if row.get("raw") else {}), **token_ids},
     }
 
 

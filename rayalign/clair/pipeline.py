@@ -160,6 +160,7 @@ def _two_samples(batch: dict) -> dict:
     first, second = rows
     failed = first if first["outcome"] else second
     row = {**first, "unit_id": first["prompt_id"], "answer_b": second["answer"],
+           "answer_b_token_ids": second["answer_token_ids"],
            "answer_tokens": first["answer_tokens"] + second["answer_tokens"]}
     if failed["outcome"]:
         row.update(outcome=failed["outcome"], detail=f"sample {failed['sample']}: {failed['detail']}")

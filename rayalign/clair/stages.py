@@ -17,7 +17,7 @@ from rayalign.clair import revision, verifier
 from rayalign.clair.endpoint import Endpoint, RequestFailed
 from rayalign.clair.outcomes import DEFERRED
 from rayalign.config import ReviserConfig, SamplingConfig
-from rayalign.records import prompt_messages
+from rayalign.records import prompt_messages, question_text
 
 # A placeholder request for rows that already have an outcome: engines answer one row per
 # request, and sending one token is cheaper than splitting the stream.
@@ -59,14 +59,25 @@ def finish(row: dict, chosen: str, rejected: str, raw: str = "") -> dict:
 
 # ---- verifier --------------------------------------------------------------------------------
 
+def question_of(row: dict) -> str:
+    """The text of the prompt's last user message: what the verifier reads the answer against."""
+    return question_text({"prompt": prompt_of(row)})
+
+
 def verifier_revise(row: dict, pattern: str | None) -> dict:
     if row["outcome"]:
         return row
     if not row["reference"]:
         return {**row, "outcome": "no_reference", "detail": "the verifier needs a reference answer"}
-    revised = verifier.revise(row["answer"], row["reference"], pattern)
-    if revised is None:
-        return {**row, "outcome": "unparsable", "detail": "no final answer matched answer_pattern"}
+    question = question_of(row)
+    span = verifier.answer_span(row["answer"], row["reference"], pattern, question)
+    if span is None:
+        where = "matched answer_pattern" if pattern else "found in the response"
+        return {**row, "outcome": "no_answer", "detail": f"no final answer {where}"}
+    revised = verifier.revise(row["answer"], row["reference"], pattern, question)
+    if revised == row["answer"]:
+        found = row["answer"][span[0]:span[1]]
+        return {**row, "outcome": "already_correct", "detail": f"the final answer {found!r} is already right"}
     return finish(row, revised, row["answer"])
 
 
@@ -85,7 +96,8 @@ def verifier_judge(row: dict, pattern: str | None) -> dict:
         return row
     if not row["reference"]:
         return {**row, "outcome": "no_reference", "detail": "the verifier needs a reference answer"}
-    a, b = (verifier.score(x, row["reference"], pattern) for x in (row["answer"], row["answer_b"]))
+    question = question_of(row)
+    a, b = (verifier.score(x, row["reference"], pattern, question) for x in (row["answer"], row["answer_b"]))
     if a == b:
         return {**row, "outcome": "tie", "detail": f"both samples score {a:.3f}"}
     win, lose = (row["answer"], row["answer_b"]) if a > b else (row["answer_b"], row["answer"])

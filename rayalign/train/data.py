@@ -3,7 +3,9 @@
 Formatting matches generation: the prompt (a text prompt is one user message) is rendered with
 the model's chat template and its generation prompt (`<|assistant|>\\n` and so on), exactly what
 vLLM saw when the target answered; a tokenizer without a chat template encodes the prompt text
-as is. A completion is its text followed by the eos token, so the model also learns to stop.
+as is. A completion is its tokens followed by the eos token, so the model also learns to stop:
+the tokens the target generated when the pair file keeps them (its own answers, from `rayalign
+clair`), otherwise the text's tokenization (revisions, imported pairs).
 
 Truncation policy (counted and reported, never silent). A pair whose prompt plus longer
 completion fits in `max_length` tokens is kept whole. Otherwise:
@@ -66,12 +68,25 @@ def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
     return tokenizer(prompt if isinstance(prompt, str) else prompt[-1]["content"]).input_ids
 
 
+def encode_completion(tokenizer, row: dict, side: str) -> list[int]:
+    """The tokens of `row[side]` followed by eos: the ids the model generated for it when the
+    pair file keeps them (`metadata.<side>_token_ids`) and they decode to the text, else the
+    text's own tokenization (which differs from a model's sample now and then: SmolLM2 once
+    wrote "Beiroth" as "Be"+"iroth" where the text tokenizes as "Bei"+"roth")."""
+    text = completion_text(row[side])
+    eos = tokenizer.eos_token_id
+    generated = (row.get("metadata") or {}).get(f"{side}_token_ids")
+    if generated and tokenizer.decode(generated, skip_special_tokens=True) == text:
+        ids = list(generated)
+        return ids if ids[-1] == eos else ids + [eos]
+    return tokenizer(text, add_special_tokens=False).input_ids + [eos]
+
+
 def encode_pair(tokenizer, row: dict, max_length: int, max_prompt_length: int) -> Encoded:
     """Encode one pair under the truncation policy of the module docstring; raise Skipped."""
     prompt = encode_prompt(tokenizer, row["prompt"])
-    eos = [tokenizer.eos_token_id]
-    chosen = tokenizer(completion_text(row["chosen"]), add_special_tokens=False).input_ids + eos
-    rejected = tokenizer(completion_text(row["rejected"]), add_special_tokens=False).input_ids + eos
+    chosen = encode_completion(tokenizer, row, "chosen")
+    rejected = encode_completion(tokenizer, row, "rejected")
     cut = []
     if len(prompt) + max(len(chosen), len(rejected)) > max_length:
         if len(prompt) > max_prompt_length:
