@@ -4,12 +4,15 @@ server per test session (vLLM engine starts cost 15-60 s each on 2 cores)."""
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from rayalign import events
 from rayalign.cluster import free_port, haproxy_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +23,33 @@ SERVER_KEY = "sk-rayalign-test-0123456789"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # Set before Ray starts, so reviser actors inherit it as they would from a user's shell.
 os.environ["RAYALIGN_TEST_KEY"] = SERVER_KEY
+# Every vLLM engine start and Ray Train fit of the session is recorded where it happens, in
+# whatever process (rayalign.events); the counts are printed at the end of the run.
+os.environ[events.ENV] = tempfile.mkdtemp(prefix="rayalign-events-")
+
+
+def pytest_terminal_summary(terminalreporter):
+    found = events.read(os.environ[events.ENV])
+    engines = Counter(Path(e["model"]).name for e in found if e["kind"] == "engine")
+    fits = Counter(Path(e["output"]).parent.name for e in found if e["kind"] == "fit")
+    terminalreporter.section("vLLM engine starts and Ray Train fits in this session")
+    terminalreporter.write_line(f"engine starts: {sum(engines.values())} ("
+                                + ", ".join(f"{model} {n}" for model, n in engines.most_common()) + ")")
+    terminalreporter.write_line(f"training fits: {sum(fits.values())} ("
+                                + ", ".join(f"{run} {n}" for run, n in fits.most_common()) + ")")
+
+
+def kill_command(proc: subprocess.Popen, tree: list) -> None:
+    """Kill what is left of a command started in its own session, and every process it started."""
+    import psutil
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, 9)
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +57,15 @@ def tiny_model(tmp_path_factory):
     from rayalign.models import init_model
 
     return init_model(tmp_path_factory.mktemp("models") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct checkpoint in the machine's cache (RAYALIGN_CACHE or
+    ~/.cache/rayalign): the first session downloads and converts it (about a minute), later ones reuse it."""
+    from rayalign.pretrained import pretrained_model
+
+    return pretrained_model("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +97,7 @@ def openai_server(tiny_model, tmp_path_factory):
     cmd = [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", "1024", "--gpu-memory-utilization", "0.1", "--api-key", SERVER_KEY,
-           "--no-enable-chunked-prefill", "--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}']
+           "--enforce-eager", "--no-enable-chunked-prefill", "--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}']
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -86,9 +86,9 @@ def test_verifier_pairs_exactly_once_after_a_kill(tmp_path, student, ray_session
     reasons = {r["id"]: r["reason"] for r in rejects}
     assert reasons.pop("too-long") == "generation_failed"
     for reject in rejects:
-        if reject["reason"] == "identical":
+        if reject["reason"] == "already_correct":
             assert reject["answer"] == reference[reject["id"]]
-    assert set(reasons.values()) <= {"identical", "answer_too_long"}
+    assert set(reasons.values()) <= {"already_correct", "answer_too_long"}
     assert pairs, "a partly trained student makes near misses"
 
     saved = json.loads((out / "summary.json").read_text())

@@ -1,9 +1,11 @@
 import hashlib
 import json
+import os
 import subprocess
 
 import pytest
 
+from rayalign import events
 from rayalign.models import CHAT_TEMPLATE, PRESETS, build_tokenizer, init_model
 from tests.conftest import PYTHON, ROOT
 
@@ -46,7 +48,8 @@ def test_bench_large_preset_has_about_160m_parameters_and_the_cli_offers_every_p
     model = build_model("bench-large", build_tokenizer("bpe", None, vocab_size=8192))
     assert sum(p.numel() for p in model.parameters()) == 162_554_880
     init = build_parser()._subparsers._group_actions[0].choices["init-model"]
-    assert next(a for a in init._actions if a.dest == "preset").choices == list(PRESETS)
+    assert next(a for a in init._actions if a.dest == "preset").choices == [
+        "tiny", "bench", "bench-large", "smollm2-135m-instruct"]
 
 
 def test_chat_template_renders_turns_with_eos(tiny_model):
@@ -90,7 +93,10 @@ def test_unknown_preset_and_tokenizer_are_named(tmp_path):
 @pytest.mark.parametrize("preset", ["tiny", "bench"])
 def test_vllm_generates_what_transformers_generates(tmp_path, tiny_model, preset):
     model = tiny_model if preset == "tiny" else init_model(tmp_path / preset, preset)
-    proc = subprocess.run([PYTHON, str(ROOT / "tests" / "vllm_generate.py"), str(model), "8"],
+    # The tiny model runs vLLM's default compiled path, as a config without engine_args does.
+    eager = [] if preset == "tiny" else ["eager"]
+    before = engine_starts(model)
+    proc = subprocess.run([PYTHON, str(ROOT / "tests" / "vllm_generate.py"), str(model), "8", *eager],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
@@ -98,3 +104,10 @@ def test_vllm_generates_what_transformers_generates(tmp_path, tiny_model, preset
     assert [len(ids) for ids in result["vllm"]] == [8, 8]
     # Greedy decoding in fp32: vLLM's CPU engine and transformers agree token for token.
     assert result["vllm"] == result["hf"]
+    # The engine's start was recorded in the engine's own process (rayalign.events, a vLLM plugin).
+    started = engine_starts(model)[len(before):]
+    assert len(started) == 1 and started[0]["pid"] != os.getpid(), started
+
+
+def engine_starts(model) -> list[dict]:
+    return [e for e in events.read(os.environ[events.ENV]) if e["kind"] == "engine" and e["model"] == str(model)]

@@ -24,7 +24,8 @@ from tests.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.integration
 
-ENGINE = {"dtype": "float32", "max_model_len": 256, "gpu_memory_utilization": 0.1, "batch_size": 4}
+ENGINE = {"dtype": "float32", "max_model_len": 256, "gpu_memory_utilization": 0.1, "batch_size": 4,
+          "engine_args": {"enforce_eager": True}}
 
 
 def job_runtime_env() -> dict:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from rayalign.cluster import engine_core_split
-from tests.conftest import PYTHON, free_port
+from tests.conftest import PYTHON, free_port, kill_command
 from tests.serve_fixtures import ENGINE
 
 pytestmark = pytest.mark.integration
@@ -101,10 +101,4 @@ def test_serve_command_serves_until_sigterm_then_stops_its_ray(tiny_model, tmp_p
         with pytest.raises(urllib.error.URLError):
             urllib.request.urlopen(f"{base_url}/models", timeout=5)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_command(proc, tree)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rayalign import events as rayalign_events
 from rayalign.train.run import check_config, run_reference, run_train
 from tests.conftest import PYTHON, ROOT
 from tests.train_support import toy_pairs, train_config, write_pairs
@@ -149,6 +150,10 @@ def test_zero2_apo_zero_raises_chosen_lowers_rejected(run_a, tiny_model):
     assert [e.step for e in events.Scalars("loss")] == list(range(1, 49))
     assert events.Scalars("rewards/margins")[-1].value == pytest.approx(last["rewards/margins"], rel=1e-5)
     assert (output / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The fit was recorded once, with its output and workers (rayalign.events).
+    fits = [e for e in rayalign_events.read(os.environ[rayalign_events.ENV])
+            if e["kind"] == "fit" and e["output"] == str(output)]
+    assert [(e["workers"], e["pid"]) for e in fits] == [(2, os.getpid())]
 
 
 def test_first_step_equals_single_process_computation(run_a, tiny_model):
@@ -187,7 +192,7 @@ def test_first_step_equals_single_process_computation(run_a, tiny_model):
 
 def test_export_loads_in_vllm_and_generates_like_transformers(run_a):
     _, summary = run_a
-    proc = subprocess.run([PYTHON, str(ROOT / "tests" / "vllm_generate.py"), summary["final"], "8"],
+    proc = subprocess.run([PYTHON, str(ROOT / "tests" / "vllm_generate.py"), summary["final"], "8", "eager"],
                           capture_output=True, text=True, timeout=400, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]

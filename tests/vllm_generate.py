@@ -1,6 +1,8 @@
 """Greedy generation with vLLM and with transformers on the same model; prints JSON.
 
-Run as a script (vLLM spawns processes, so it needs the __main__ guard)."""
+Run as a script (vLLM spawns processes, so it needs the __main__ guard):
+    python tests/vllm_generate.py MODEL_DIR MAX_TOKENS [eager]
+`eager` skips torch.compile (vLLM's enforce_eager), about 20 s less per engine start here."""
 
 import json
 import sys
@@ -10,7 +12,7 @@ if __name__ == "__main__":
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    model_dir, max_tokens = sys.argv[1], int(sys.argv[2])
+    model_dir, max_tokens, eager = sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["eager"]
     prompts = ["Hello there, what is the answer?", "add: 1 2 3 + 4 5 6 answer:"]
     tok = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -19,7 +21,7 @@ if __name__ == "__main__":
         ids = tok(text, return_tensors="pt").input_ids
         out = hf.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
         hf_ids.append(out[0, ids.shape[1]:].tolist())
-    llm = LLM(model_dir, dtype="float32", gpu_memory_utilization=0.1, max_model_len=256, seed=0)
+    llm = LLM(model_dir, dtype="float32", gpu_memory_utilization=0.1, max_model_len=256, seed=0, enforce_eager=eager)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens)
     outputs = llm.generate(prompts, params)
     print("RESULT " + json.dumps({

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from rayalign import events
 from rayalign.config import ConfigError, RunConfig
 
 # TrainConfig keys that do not change the trajectory, so they do not change the run name.
@@ -99,6 +100,7 @@ def run_train(config: RunConfig) -> dict:
     print(f"rayalign train: {schedule.total_steps} steps of {train.batch_size} pairs ({schedule.epochs} epochs "
           f"of {len(table)} pairs; {schedule.dropped_per_epoch} dropped per epoch), {train.num_workers} workers, "
           f"ZeRO-{train.zero_stage}, {precision}")
+    events.record("fit", output=str(output), workers=train.num_workers)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
