@@ -1,0 +1,220 @@
+"""What only a real pretrained model can test: SmolLM2-135M-Instruct (a BPE tokenizer of its
+own, a chat template that adds a default system prompt, eos `<|im_end|>` that is also its pad
+token, tied embeddings, grouped-query attention) from generation through training to serving.
+
+One copy of the model is served for the module by `rayalign serve` as a user runs it (a command
+with its own Ray, HAProxy and vLLM engine); it answers the questions, returns its token ids and
+scores completions. The trained and exported model is tested in test_real_model_export.py.
+
+Log-probs are compared within 1e-4 nats per completion token. All three computations are fp32
+but sum in different orders (vLLM's CPU attention and GEMMs, transformers' batched SDPA with
+padding, a single unpadded forward), so each token's log-prob differs by float rounding through
+30 layers; measured here: at most 3e-5 per token, 1.2e-3 on a 64-token answer.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+import torch
+
+from rayalign.clair import stages, verifier
+from rayalign.clair.outcomes import pair_row
+from rayalign.questions import question_prompts
+from rayalign.records import prompt_messages, question_text
+from rayalign.train.data import encode_pair, encode_prompt
+from tests.conftest import PYTHON, free_port, kill_command
+
+pytestmark = pytest.mark.integration
+
+RAYALIGN = str(Path(PYTHON).with_name("rayalign"))
+ENGINE = {"dtype": "auto", "max_model_len": 512, "gpu_memory_utilization": 0.3, "engine_args": {"enforce_eager": True}}
+QUESTIONS = question_prompts(20, "eval", seed=3)
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+PER_TOKEN = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2)
+
+
+@pytest.fixture(scope="module")
+def served(smollm2, tmp_path_factory):
+    """`rayalign serve --model smollm2=DIR` in its own process group, until the module ends."""
+    run = tmp_path_factory.mktemp("smollm2_serve")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, not the session's
+    # Stopping is not under test here (test_serve_command.py tests it): drain for 2 s, not Serve's 30.
+    env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "2"
+    cmd = [RAYALIGN, "serve", "--model", f"smollm2={smollm2}", f"run_dir={run}", f"serve.port={port}",
+           "serve.ready_timeout_s=600", "cluster.num_cpus=6", f"serve.engine={json.dumps(ENGINE)}"]
+    log = run / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 700
+    while f"serving smollm2 at {base_url}" not in log.read_text():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(2)
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    client = openai.OpenAI(base_url=base_url, api_key="EMPTY", max_retries=2, timeout=300)
+    yield {"base_url": base_url, "client": client, "log": log}
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(180)
+    finally:
+        kill_command(proc, tree)
+
+
+@pytest.fixture(scope="module")
+def answers(served, tokenizer):
+    """The served model's greedy answer to each question, with the prompt's and the answer's ids."""
+    def ask(row: dict) -> dict:
+        reply = served["client"].chat.completions.create(
+            model="smollm2", messages=prompt_messages(row), temperature=0.0, max_tokens=48,
+            extra_body={"return_token_ids": True})
+        choice = reply.choices[0]
+        return {"row": row, "text": choice.message.content, "finish": choice.finish_reason,
+                "prompt_ids": reply.prompt_token_ids, "token_ids": choice.token_ids}
+
+    with ThreadPoolExecutor(8) as pool:  # concurrent requests, batched by the engine
+        return list(pool.map(ask, QUESTIONS))
+
+
+def verifier_revised(answer: dict) -> dict:
+    """The CLAIR stage's row for one served answer, after the verifier (as Ray Data would carry it)."""
+    unit = {"unit_id": answer["row"]["id"], "prompt_id": answer["row"]["id"], "sample": 0, "seed": 0,
+            "prompt_json": json.dumps(answer["row"]["prompt"]), "reference": answer["row"]["reference"],
+            "answer_text": answer["text"], "answer_token_ids": answer["token_ids"],
+            "answer_tokens": len(answer["token_ids"]), "answer_truncated": answer["finish"] == "length",
+            "answer_error": ""}
+    return stages.verifier_revise(stages.answer_outcome(unit), None)
+
+
+def test_the_engine_runs_in_the_dtype_auto_chose(served):
+    from rayalign.train.engine import cpu_has_bf16
+
+    expected = "bfloat16" if cpu_has_bf16() else "float32"
+    text = served["log"].read_text()
+    assert f"rayalign: engine dtype auto -> {expected} on CPU" in text
+
+
+def test_system_messages_and_the_template_default_survive_to_training_and_serving(answers, tokenizer):
+    with_system = [a for a in answers if a["row"]["prompt"][0]["role"] == "system"]
+    without = [a for a in answers if a["row"]["prompt"][0]["role"] != "system"]
+    assert with_system and without
+    for a in answers:
+        # What the server fed the model is what training feeds it.
+        assert a["prompt_ids"] == encode_prompt(tokenizer, a["row"]["prompt"])
+        rendered = tokenizer.decode(a["prompt_ids"])
+        assert rendered.endswith("<|im_start|>assistant\n")
+        if a in with_system:  # the user's system message replaces the template's default
+            assert rendered.startswith(f"<|im_start|>system\n{a['row']['prompt'][0]['content']}<|im_end|>\n")
+            assert DEFAULT_SYSTEM not in rendered
+        else:
+            assert rendered.startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n")
+
+
+def test_eos_is_where_the_template_puts_it(answers, tokenizer):
+    eos = tokenizer.eos_token_id
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|im_end|>")
+    stopped = [a for a in answers if a["finish"] == "stop"]
+    assert len(stopped) >= 10
+    for a in stopped:
+        row = {"id": "x", "prompt": a["row"]["prompt"], "chosen": a["text"], "rejected": a["text"] + " No.",
+               "metadata": {"chosen_token_ids": a["token_ids"]}}
+        enc = encode_pair(tokenizer, row, max_length=512, max_prompt_length=256)
+        # The engine stopped on eos; training scores the same tokens, eos last ...
+        assert a["token_ids"][-1] == eos and enc.chosen_ids == a["token_ids"]
+        # ... and the template closes the assistant's turn with exactly that eos.
+        messages = prompt_messages(a["row"]) + [{"role": "assistant", "content": a["text"]}]
+        conversation = tokenizer.apply_chat_template(messages, tokenize=True)
+        conversation = list(conversation["input_ids"] if hasattr(conversation, "keys") else conversation)
+        sequence = enc.prompt_ids + enc.chosen_ids
+        if tokenizer(a["text"], add_special_tokens=False).input_ids == a["token_ids"][:-1]:
+            assert conversation[:len(sequence)] == sequence
+            assert tokenizer.decode(conversation[len(sequence):]) == "\n"
+
+
+def test_training_scores_the_tokens_the_model_generated(answers, tokenizer):
+    """A CLAIR pair keeps the ids of the target's answer, and the trainer scores exactly those."""
+    pairs = 0
+    for a in answers:
+        row = verifier_revised(a)
+        if row["outcome"] != "pair":
+            continue
+        pairs += 1
+        pair = pair_row(row, row["chosen"], row["rejected"], "clair", "verifier")
+        assert pair["metadata"]["rejected_token_ids"] == a["token_ids"]
+        enc = encode_pair(tokenizer, pair, max_length=512, max_prompt_length=256)
+        assert enc.rejected_ids == a["token_ids"] and enc.prompt_ids == a["prompt_ids"]
+        # The revision is minimal: the reference replaced the wrong answer, the rest is the answer's.
+        question = question_text(a["row"])
+        assert verifier.is_correct(pair["chosen"][0]["content"], a["row"]["reference"], question=question)
+        assert pair["levenshtein"] <= len(a["row"]["reference"]) + 40
+    assert pairs >= 3, "SmolLM2 gets some of these questions wrong"
+
+
+def test_summed_log_probs_agree_between_training_transformers_and_vllm(answers, served, smollm2, tokenizer):
+    from rayalign.train.engine import load_model
+    from rayalign.train.forward import pair_logps
+
+    model = load_model(str(smollm2), "fp32", trainable=False)
+    scored = [a for a in answers if a["finish"] == "stop"][:12]
+    served_logps = []
+    for a in scored:
+        reply = served["client"].completions.create(
+            model="smollm2", prompt=a["prompt_ids"] + a["token_ids"], max_tokens=1, temperature=0.0,
+            extra_body={"prompt_logprobs": 0})
+        positions = reply.choices[0].prompt_logprobs[len(a["prompt_ids"]):]
+        served_logps.append(sum(p[str(t)]["logprob"] for p, t in zip(positions, a["token_ids"])))
+    batch = [{"prompt_ids": a["prompt_ids"], "chosen_ids": a["token_ids"], "rejected_ids": a["token_ids"]}
+             for a in scored]
+    with torch.no_grad():
+        trained = pair_logps(model, batch, tokenizer.pad_token_id)["chosen"].tolist()
+        plain = []
+        for a in scored:
+            ids = torch.tensor([a["prompt_ids"] + a["token_ids"]])
+            logits = model(ids).logits[0, len(a["prompt_ids"]) - 1:-1].double()
+            plain.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(a["token_ids"])[:, None]).sum().item())
+    for a, t, p, v in zip(scored, trained, plain, served_logps):
+        bound = PER_TOKEN * len(a["token_ids"])
+        assert abs(t - p) <= bound and abs(v - p) <= bound and abs(t - v) <= bound, (len(a["token_ids"]), t, p, v)
+
+
+def test_clair_on_the_real_model_with_the_served_model_as_an_openai_reviser(served, smollm2, ray_session, tmp_path):
+    """The API path end to end: the target answers on Ray Data + vLLM, the served model revises
+    over HTTP in JSON (structured output), so every revision parses."""
+    from rayalign.clair.pipeline import run_clair
+    from rayalign.config import load_config
+    from rayalign.records import load_pairs, read_records, write_rows
+
+    prompts = question_prompts(4, "train", seed=5)
+    write_rows(prompts, tmp_path / "prompts", "jsonl")
+    reviser = {"backend": "openai", "base_url": served["base_url"], "model": "smollm2",
+               "api_key_env": "RAYALIGN_TEST_KEY", "structured_output": True, "structured_max_chars": 160,
+               "max_tokens": 200, "temperature": 0.0, "max_concurrency": 4}
+    config = load_config(None, [
+        f"run_dir={tmp_path / 'run'}", f"cluster.address={ray_session.get_runtime_context().gcs_address}",
+        f"clair.prompts={tmp_path / 'prompts'}", f"clair.target_model={smollm2}",
+        "clair.sampling={temperature: 0.7, max_tokens: 64, n: 1, seed: 0}",
+        f"clair.engine={json.dumps(ENGINE)}", f"clair.reviser={json.dumps(reviser)}"])
+    run_clair(config)
+    out = tmp_path / "run" / "clair"
+    pairs = load_pairs(out / "pairs") if (out / "pairs").exists() else []
+    rejects = [r.value for r in read_records(out / "rejects")] if (out / "rejects").exists() else []
+    assert sorted([p["id"] for p in pairs] + [r["id"] for r in rejects]) == sorted(p["id"] for p in prompts)
+    assert {r["reason"] for r in rejects} <= {"identical", "empty_revision", "answer_too_long", "revision_too_long"}
+    for pair in pairs:
+        assert pair["reviser"] == "openai:smollm2"
+        assert json.loads(pair["metadata"]["reviser_output"])["revision"].strip() == pair["chosen"][0]["content"]
