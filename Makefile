@@ -18,6 +18,8 @@ test: setup
 bench: setup
 	$(VENV)/bin/python -m pip install -q --target bench/.deps --no-deps trl==1.16.0 accelerate
 	$(VENV)/bin/python bench/clair_generation.py
+	$(VENV)/bin/python bench/clair_generation.py --model smollm2-135m-instruct --prompts 64
+	$(VENV)/bin/python bench/revisers.py
 	$(VENV)/bin/python bench/train_throughput.py
 	$(VENV)/bin/python bench/serve_latency.py
 	$(VENV)/bin/python bench/serve_stalls.py

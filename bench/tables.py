@@ -28,6 +28,9 @@ def generation(r: dict) -> str:
             f"{r['rayalign_N']['peak_rss_gb']} GB, 10N = {r['rayalign_10N']['prompts']} prompts "
             f"{r['rayalign_10N']['peak_rss_gb']} GB (ratio **{ratios['peak_memory_10N_over_N']:.2f}**)",
             f"- wall time including engine start-up: N {r['rayalign_N']['wall_s']} s, 10N {r['rayalign_10N']['wall_s']} s"]
+    if "cpu" in r:
+        out.append(f"- {r['model']}, {r['dtype']}, {r['max_tokens']} tokens at most; CPU: {r['cpu']['model']} "
+                   f"({r['cpu']['cpus']} CPUs), flags {', '.join(r['cpu']['flags'])}")
     return "\n".join(out)
 
 
@@ -92,12 +95,27 @@ def stalls(r: dict) -> str:
     return "\n".join(out)
 
 
+def revisers(r: dict) -> str:
+    out = ["| reviser | pairs | rejects | token Jaccard | Levenshtein | chosen right | rejected right | "
+           "fixed | broke | seconds |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, label in (("verifier", "verifier"), ("vllm", "SmolLM2 on vLLM (JSON)"),
+                       ("openai", "SmolLM2 via `rayalign serve` (openai backend, JSON)")):
+        x = r[key]
+        rejects = ", ".join(f"{k} {v}" for k, v in x["rejects"].items() if v) or "none"
+        out.append(f"| {label} | {x['pairs']} | {rejects} | {x['jaccard_mean']:.3f} | {x['levenshtein_mean']:.1f} | "
+                   f"{x['chosen_right']} | {x['rejected_right']} | {x['fixed']} | {x['broke']} | {x['seconds']} |")
+    out += ["", f"- {r['prompts']} question prompts, one sample each (temperature 0.7, seeded per unit); "
+            f"CPU: {r['cpu']['model']}, flags {', '.join(r['cpu']['flags'])}"]
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="bench/results")
     args = parser.parse_args()
     results = Path(args.results)
-    for name, render in (("clair_generation", generation), ("train_throughput", training),
+    for name, render in (("clair_generation", generation), ("clair_generation_smollm2-135m-instruct", generation),
+                         ("revisers", revisers), ("train_throughput", training),
                          ("serve_latency", serving), ("serve_stalls", stalls)):
         path = results / f"{name}.json"
         if path.exists():
