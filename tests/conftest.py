@@ -39,6 +39,53 @@ def pytest_terminal_summary(terminalreporter):
                                 + ", ".join(f"{run} {n}" for run, n in fits.most_common()) + ")")
 
 
+# Session fixtures that hold a running engine. The modules that use one run one after the other,
+# and the engine stops after its last user, not at the end of the session: engines left running
+# for nothing once filled this 24 GiB machine while later tests trained a real model.
+SHARED_ENGINES = ("openai_server", "served")
+_stop_after = {}  # fixture name -> nodeid of the last test that uses it
+_stoppers = {}    # fixture name -> function that stops its engine, while it runs
+
+
+def pytest_collection_modifyitems(items):
+    modules = {}
+    for item in items:
+        modules.setdefault(item.module.__name__, []).append(item)
+    group = {}  # module -> position of the first module that shares an engine with it
+    first_user = {}
+    for position, (module, its) in enumerate(modules.items()):
+        used = [name for name in SHARED_ENGINES if any(name in item.fixturenames for item in its)]
+        group[module] = min([first_user.setdefault(name, position) for name in used] or [position])
+    order = sorted(modules, key=lambda module: group[module])  # stable: otherwise as collected
+    items[:] = [item for module in order for item in modules[module]]
+
+
+def pytest_collection_finish(session):
+    for item in session.items:  # after -k/-m deselection
+        for name in SHARED_ENGINES:
+            if name in item.fixturenames:
+                _stop_after[name] = item.nodeid
+
+
+def stop_when_unused(name: str, stop) -> None:
+    """Register how the session fixture `name` stops its engine: after its last user's teardown."""
+    _stoppers[name] = stop
+
+
+def stop_now(name: str) -> None:
+    """Stop `name`'s engine unless it has been stopped already (the fixture's own teardown)."""
+    stop = _stoppers.pop(name, None)
+    if stop is not None:
+        stop()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    for name, last in _stop_after.items():
+        if last == item.nodeid:
+            stop_now(name)
+
+
 def kill_command(proc: subprocess.Popen, tree: list) -> None:
     """Kill what is left of a command started in its own session, and every process it started."""
     import psutil
@@ -112,6 +159,10 @@ def openai_server(tiny_model, tmp_path_factory):
             time.sleep(2)
     else:
         raise RuntimeError("vLLM server did not become healthy in 400 s")
+    def stop():
+        os.killpg(proc.pid, 15)
+        proc.wait(60)
+
+    stop_when_unused("openai_server", stop)
     yield {"base_url": url + "/v1", "model": "tiny", "key": SERVER_KEY, "log": log}
-    os.killpg(proc.pid, 15)
-    proc.wait(60)
+    stop_now("openai_server")

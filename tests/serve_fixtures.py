@@ -1,6 +1,7 @@
 """One Ray Serve deployment for the whole session, shared by test_serve.py and test_eval.py:
 two checkpoints side by side (`base`: the random tiny model, `aligned`: the student), behind the
-API key in RAYALIGN_TEST_KEY. Each engine start costs 30-70 s here, so it is started once.
+API key in RAYALIGN_TEST_KEY. Each engine start costs 30-70 s here, so it is started once, and
+it stops after the last test that uses it (tests/conftest.py, SHARED_ENGINES).
 
 Test modules load it with `pytest_plugins = ["tests.serve_fixtures"]`: a session fixture
 imported into two modules would be two fixtures, and the deployment would start twice.
@@ -15,7 +16,7 @@ import openai
 import pytest
 import yaml
 
-from tests.conftest import SERVER_KEY, free_port
+from tests.conftest import SERVER_KEY, free_port, stop_now, stop_when_unused
 
 KEY_ENV = "RAYALIGN_TEST_KEY"
 ADD = [{"role": "user", "content": "add: 1 2 3 + 4 5 6"}]
@@ -41,8 +42,9 @@ def served(tiny_model, student, ray_session, tmp_path_factory):
     config = load_config(path)
     models = {"base": str(tiny_model), "aligned": str(student)}
     info = serve_models(config, models, detach=True)
+    stop_when_unused("served", lambda: serve_shutdown(config))
     yield {**info, "config": config, "config_path": path, "key": SERVER_KEY, "sources": models}
-    serve_shutdown(config)
+    stop_now("served")
 
 
 def client(served, key=SERVER_KEY):

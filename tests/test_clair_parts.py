@@ -104,6 +104,15 @@ def test_verifier_normalisation_and_correctness():
     assert verifier.is_correct("0 7 1 9", "0 7 1 9")
     assert not verifier.is_correct("0 7 1 8", "0 7 1 9")
     assert verifier.is_correct("Work: 3+4.\nanswer: 7", "7", pattern=r"answer:\s*(.+)")
+    # A response that is the reference, written with other spacing or a final period, is right
+    # whatever its words: even words of the question, which are otherwise never the answer.
+    question = "add: 1 2 3 + 4 5 6"
+    for response in ("7 3 add +", "add", "the the", "Dark, stormy night"):
+        reference = "\n  " + response.replace(" ", "\t") + " .\n"
+        assert verifier.answer_span(" " + response + ".", reference, question=question) == (1, len(response) + 1)
+        assert verifier.is_correct(response, reference, question=question)
+        assert verifier.revise(response, reference, question=question) == response
+    assert not verifier.is_correct("7 3 add", "7 3 add +", question=question)
 
 
 def test_verifier_revision_is_minimal():

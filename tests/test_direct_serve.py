@@ -2,8 +2,9 @@
 (`rayalign.serve:build_app`), with the API key, bad requests and the written Serve config.
 
 Serve routes one application per prefix, and this one, like the shared two-model deployment of
-test_serve.py and test_eval.py, is served at "/": this module's name sorts before theirs, so it
-has shut its application down before that one starts."""
+test_serve.py and test_eval.py, is served at "/". The two never meet, in whatever order the modules
+run: this module shuts its application down when it ends, and the shared one stops after its last
+user, those two modules running one after the other (tests/conftest.py, SHARED_ENGINES)."""
 
 from pathlib import Path
 

@@ -1,9 +1,10 @@
 """`rayalign pipeline` end to end on the tiny student: stopped in the middle, then resubmitted,
 it finishes without redoing the stages it had completed.
 
-Its Serve application takes the route prefix "/" on the session's Ray, as the session-wide
-deployment of test_serve.py and test_eval.py does; this module's name sorts before theirs, so
-the pipeline has served, evaluated and shut its application down before that one starts."""
+Its Serve application takes the route prefix "/" on the session's Ray, as the shared deployment
+of test_serve.py and test_eval.py does. The two never meet, in whatever order the modules run: the
+pipeline shuts its application down when it has evaluated, and the shared one stops after its last
+user, those two modules running one after the other (tests/conftest.py, SHARED_ENGINES)."""
 
 import json
 import os

@@ -49,7 +49,7 @@ def tokenizer(smollm2):
 
 
 @pytest.fixture(scope="module")
-def served(smollm2, tmp_path_factory):
+def served_smollm2(smollm2, tmp_path_factory):
     """`rayalign serve --model smollm2=DIR` in its own process group, until the module ends."""
     run = tmp_path_factory.mktemp("smollm2_serve")
     port = free_port()
@@ -77,10 +77,10 @@ def served(smollm2, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def answers(served, tokenizer):
+def answers(served_smollm2, tokenizer):
     """The served model's greedy answer to each question, with the prompt's and the answer's ids."""
     def ask(row: dict) -> dict:
-        reply = served["client"].chat.completions.create(
+        reply = served_smollm2["client"].chat.completions.create(
             model="smollm2", messages=prompt_messages(row), temperature=0.0, max_tokens=48,
             extra_body={"return_token_ids": True})
         choice = reply.choices[0]
@@ -101,11 +101,11 @@ def verifier_revised(answer: dict) -> dict:
     return stages.verifier_revise(stages.answer_outcome(unit), None)
 
 
-def test_the_engine_runs_in_the_dtype_auto_chose(served):
+def test_the_engine_runs_in_the_dtype_auto_chose(served_smollm2):
     from rayalign.train.engine import cpu_has_bf16
 
     expected = "bfloat16" if cpu_has_bf16() else "float32"
-    text = served["log"].read_text()
+    text = served_smollm2["log"].read_text()
     assert f"rayalign: engine dtype auto -> {expected} on CPU" in text
 
 
@@ -165,7 +165,7 @@ def test_training_scores_the_tokens_the_model_generated(answers, tokenizer):
     assert pairs >= 3, "SmolLM2 gets some of these questions wrong"
 
 
-def test_summed_log_probs_agree_between_training_transformers_and_vllm(answers, served, smollm2, tokenizer):
+def test_summed_log_probs_agree_between_training_transformers_and_vllm(answers, served_smollm2, smollm2, tokenizer):
     from rayalign.train.engine import load_model
     from rayalign.train.forward import pair_logps
 
@@ -173,7 +173,7 @@ def test_summed_log_probs_agree_between_training_transformers_and_vllm(answers, 
     scored = [a for a in answers if a["finish"] == "stop"][:12]
     served_logps = []
     for a in scored:
-        reply = served["client"].completions.create(
+        reply = served_smollm2["client"].completions.create(
             model="smollm2", prompt=a["prompt_ids"] + a["token_ids"], max_tokens=1, temperature=0.0,
             extra_body={"prompt_logprobs": 0})
         positions = reply.choices[0].prompt_logprobs[len(a["prompt_ids"]):]
@@ -192,7 +192,7 @@ def test_summed_log_probs_agree_between_training_transformers_and_vllm(answers, 
         assert abs(t - p) <= bound and abs(v - p) <= bound and abs(t - v) <= bound, (len(a["token_ids"]), t, p, v)
 
 
-def test_clair_on_the_real_model_with_the_served_model_as_an_openai_reviser(served, smollm2, ray_session, tmp_path):
+def test_clair_on_the_real_model_with_the_served_model_as_an_openai_reviser(served_smollm2, smollm2, ray_session, tmp_path):
     """The API path end to end: the target answers on Ray Data + vLLM, the served model revises
     over HTTP in JSON (structured output), so every revision parses."""
     from rayalign.clair.pipeline import run_clair
@@ -201,7 +201,7 @@ def test_clair_on_the_real_model_with_the_served_model_as_an_openai_reviser(serv
 
     prompts = question_prompts(4, "train", seed=5)
     write_rows(prompts, tmp_path / "prompts", "jsonl")
-    reviser = {"backend": "openai", "base_url": served["base_url"], "model": "smollm2",
+    reviser = {"backend": "openai", "base_url": served_smollm2["base_url"], "model": "smollm2",
                "api_key_env": "RAYALIGN_TEST_KEY", "structured_output": True, "structured_max_chars": 160,
                "max_tokens": 200, "temperature": 0.0, "max_concurrency": 4}
     config = load_config(None, [

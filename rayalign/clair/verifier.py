@@ -6,6 +6,8 @@ whitespace and a trailing period removed, inner whitespace collapsed to one spac
 The *final answer* of a response is found in one of three ways:
 - with an `answer_pattern` (a regex with one group, such as `answer:\\s*(.+)`): that group's last
   match;
+- a response that says the reference and nothing else (after normalisation): all of it but the
+  surrounding spaces and final punctuation;
 - a reference of several numbers (a digit task's `0 7 1 9`): the whole response;
 - otherwise the answer span found in the response ("23 + 24 equals 58.", "Seven apples.",
   "It's Paris."), or, in a short response (no more words than the reference plus one), the
@@ -173,6 +175,8 @@ def answer_span(response: str, reference: str, pattern: str | None = None,
         return matches[-1].span(1) if matches else None
     if _DIGIT_SEQUENCE.fullmatch(reference):
         return (0, len(response))
+    if normalize(response) == normalize(reference):
+        return _trimmed(response, 0, len(response))
     span = _number_span(response, question) if _numeric(reference) else _prose_span(response, reference, question)
     if span is None and len(response.split()) <= len(reference.split()) + 1:
         return (0, len(response))
