@@ -309,10 +309,92 @@ def test_added_supervised_term_and_length_normalisation_by_hand(tmp_path, tiny_m
         train_config(tmp_path, tiny_model, tmp_path, "train.loss=sft", "train.sft_weight=1")
 
 
+class _OffHostEngine:
+    """What the training step sees of a DeepSpeed engine, on a device where no tensor made
+    without one lands: `meta`, standing in for a GPU on this CPU-only machine (it has shapes
+    but no values, so any read back to the host raises as well)."""
+
+    device = torch.device("meta")
+
+    def __init__(self, vocab: int, global_norm: float):
+        import types
+
+        class Bigram(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embed = torch.nn.Embedding(vocab, 8)
+                self.head = torch.nn.Linear(8, vocab)
+
+            def forward(self, input_ids, attention_mask, use_cache, logits_to_keep):
+                return types.SimpleNamespace(logits=self.head(self.embed(input_ids[:, -logits_to_keep:])))
+
+        self.module = Bigram().to(self.device)
+        self.global_norm, self.steps = global_norm, 0
+
+    def __call__(self, **inputs):
+        return self.module(**inputs)
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def train(self):
+        self.module.train()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def is_gradient_accumulation_boundary(self):
+        return True
+
+    def step(self):
+        self.steps += 1
+
+    def zero_optimization(self):
+        return 2  # DeepSpeed's ZeRO optimizer records the global norm itself
+
+    def bfloat16_enabled(self):
+        return False
+
+    def fp16_enabled(self):
+        return False
+
+    def get_global_grad_norm(self):
+        return self.global_norm
+
+
+@pytest.mark.parametrize("loss, on_the_fly", [("apo_zero", False), ("apo_zero", True), ("sft", False)])
+def test_a_training_step_keeps_every_tensor_on_the_engines_device(tmp_path, tiny_model, tokenizer, loss, on_the_fly):
+    """The collective of every step gets tensors on the engine's device, as NCCL (Ray Train's
+    backend on GPUs) demands, and nothing is read back to the host on the way: the step runs
+    through the loop's own step function on an engine off the host."""
+    from rayalign.train.loop import _MEANS, train_step
+
+    engine = _OffHostEngine(len(tokenizer), global_norm=0.25)
+    rows = tokenize_pairs(tokenizer, toy_pairs(4), 64, 32).rows
+    for row in rows:
+        row["ref_chosen_logps"], row["ref_rejected_logps"] = -5.0, -6.0
+    config = train_config(tmp_path, tiny_model, tmp_path, f"train.loss={loss}")
+    reduced = []
+
+    def all_reduce(tensor):  # NCCL's contract, checked
+        assert tensor.device == engine.device, f"a {tensor.device} tensor handed to the collective"
+        reduced.append(tensor)
+
+    # A reference computed on the fly lives beside the policy (the loop moves it there).
+    reference = _OffHostEngine(len(tokenizer), global_norm=0.0).module if on_the_fly else None
+    sums, grad_norm = train_step(engine, reference, [rows[:2], rows[2:]], config.train, tokenizer.pad_token_id,
+                                 all_reduce)
+    assert len(reduced) == 1 and reduced[0] is sums
+    assert (sums.shape, sums.dtype, sums.device) == ((len(_MEANS) + 1,), torch.float64, engine.device)
+    assert (engine.steps, grad_norm) == (2, 0.25)
+    assert all(p.grad is not None and p.grad.device == engine.device for p in engine.parameters())
+
+
 def test_zero3_partitions_the_policy_as_it_loads(tmp_path, tiny_model):
     """Two real DeepSpeed processes: under ZeRO-3 each holds half of the policy from the moment it
     loads (never the whole model), the gathered weights are the checkpoint's, and a reference
-    model loaded afterwards (reference.on_the_fly) is whole."""
+    model loaded afterwards (reference.on_the_fly) is whole, and the export gathers the whole
+    state dict on rank 0 alone."""
     from tests.conftest import PYTHON, ROOT, free_port
 
     done = subprocess.run([PYTHON, str(ROOT / "tests" / "zero3_load.py"), str(tiny_model), str(tmp_path),
@@ -327,3 +409,6 @@ def test_zero3_partitions_the_policy_as_it_loads(tmp_path, tiny_model):
         assert held["whole"] == whole
         assert whole / 2 <= held["local"] <= whole / 2 + held["count"]  # half of each tensor, rounded up
         assert held["embed_equal"] and held["reference_visible"] == whole and not held["zero3_after_load"]
+    # The export's gather: the whole state dict on rank 0 only, equal to the checkpoint's.
+    assert ranks[0]["export"] == {"keys_equal": True, "tensors_equal": True, "on_cpu": True}
+    assert ranks[1]["export"] is None

@@ -1,6 +1,7 @@
 """Run as a script by test_train_parts: two processes (gloo, CPU) load the policy with
 rayalign.train.engine.load_policy under ZeRO-3, then a frozen model as the on-the-fly reference is
-loaded, and each process writes what it holds to <out>/rank<r>.json.
+loaded, and each process writes what it holds to <out>/rank<r>.json, with whether the export's
+gathered state dict (rank 0's; None elsewhere) equals the checkpoint's, key by key.
 
 Usage: python tests/zero3_load.py MODEL_DIR OUT_DIR PORT"""
 
@@ -20,7 +21,7 @@ def worker(rank: int, model: str, out: str, port: str) -> None:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     from rayalign.config import load_config
-    from rayalign.train.engine import deepspeed_config, load_model, load_policy
+    from rayalign.train.engine import deepspeed_config, gathered_state_dict, load_model, load_policy
 
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -37,7 +38,15 @@ def worker(rank: int, model: str, out: str, port: str) -> None:
     name, param = "model.embed_tokens.weight", dict(policy.named_parameters())["model.embed_tokens.weight"]
     with deepspeed.zero.GatheredParameters([param]):
         gathered = param.detach().clone()
+    exported = gathered_state_dict(policy, rank)
     reference = load_model(model, "fp32", trainable=False)
+    if exported is None:
+        held["export"] = None
+    else:
+        expected = reference.state_dict()
+        held["export"] = {"keys_equal": sorted(exported) == sorted(expected),
+                          "tensors_equal": all(torch.equal(exported[k], expected[k]) for k in expected if k in exported),
+                          "on_cpu": all(t.device.type == "cpu" for t in exported.values())}
     held["reference_visible"] = sum(p.numel() for p in reference.parameters())
     held["embed_equal"] = bool(torch.equal(gathered, dict(reference.named_parameters())[name]))
     Path(out, f"rank{rank}.json").write_text(json.dumps(held))

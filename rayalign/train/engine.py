@@ -199,6 +199,34 @@ def load_state(engine, directory: Path, rank: int) -> None:
 
 # ---- export ----------------------------------------------------------------------------------
 
+def gathered_state_dict(module, rank: int) -> dict | None:
+    """A ZeRO-3 partitioned module's whole state dict on rank 0 (in the CPU's memory, in the
+    weights' own dtype); None on the other ranks, which must take part all the same.
+
+    Parameters are gathered one module at a time (DeepSpeed's GatheredParameters), so no GPU
+    holds more than one layer's whole weights beside its own shards; a tied weight is gathered
+    once and appears under each of its names, as in an unpartitioned state dict. Buffers are
+    not partitioned."""
+    import deepspeed
+
+    state, seen = {}, {}
+    for prefix, submodule in module.named_modules():
+        own = [(name, p) for name, p in submodule.named_parameters(prefix=prefix, recurse=False)]
+        new = [p for _, p in own if id(p) not in seen]
+        if new:
+            with deepspeed.zero.GatheredParameters(new, modifier_rank=None):
+                if rank == 0:
+                    seen.update((id(p), p.detach().to("cpu", copy=True)) for p in new)
+                else:
+                    seen.update((id(p), None) for p in new)
+        state.update((name, seen[id(p)]) for name, p in own)
+    if rank != 0:
+        return None
+    persistent = module.state_dict().keys()  # names only: under ZeRO-3 its tensors are empty
+    state.update((name, b.detach().to("cpu", copy=True)) for name, b in module.named_buffers() if name in persistent)
+    return state
+
+
 def export_hf(engine, train: TrainConfig, directory: Path, rank: int) -> None:
     """The policy in Hugging Face format (safetensors, config, tokenizer with chat template).
 
@@ -206,7 +234,7 @@ def export_hf(engine, train: TrainConfig, directory: Path, rank: int) -> None:
     from transformers import AutoTokenizer
 
     if train.zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # full weights in their dtype, rank 0
+        state = gathered_state_dict(engine.module, rank)
     else:
         state = engine.module.state_dict() if rank == 0 else None
     if rank != 0:

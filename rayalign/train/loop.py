@@ -56,7 +56,8 @@ def train_loop_per_worker(config: dict) -> None:
     engine = build_engine(train, precision, schedule.total_steps)
     reference = None
     if config["reference_model"] is not None:  # reference.on_the_fly
-        reference = load_model(config["reference_model"], precision, trainable=False)
+        # Beside the policy: its log-probs meet the policy's in the loss.
+        reference = load_model(config["reference_model"], precision, trainable=False).to(engine.device)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             load_state(engine, Path(directory), rank)
@@ -68,22 +69,10 @@ def train_loop_per_worker(config: dict) -> None:
     for step in range(state["step"], schedule.total_steps):
         step_start = time.perf_counter()
         learning_rate = engine.get_lr()[0]
-        sums, grad_norm = torch.zeros(len(_MEANS) + 1, dtype=torch.float64), None
-        engine.train()
-        for indices in schedule.micro_batches(step, rank):
-            loss, row = _micro_batch_loss(engine, reference, [pairs[i] for i in indices], train, pad_id)
-            engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary() and not hasattr(engine.optimizer, "_global_grad_norm"):
-                # Without ZeRO and bf16, DeepSpeed steps the torch optimizer directly and records
-                # no norm; here the gradients are whole and already averaged over workers.
-                grad_norm = torch.nn.utils.get_total_norm(
-                    [p.grad for p in engine.module.parameters() if p.grad is not None]).item()
-            engine.step()
-            sums += row
-        dist.all_reduce(sums)
+        micro_batches = [[pairs[i] for i in indices] for indices in schedule.micro_batches(step, rank)]
+        sums, grad_norm = train_step(engine, reference, micro_batches, train, pad_id, dist.all_reduce)
         seconds = time.perf_counter() - step_start
         means = (sums[:-1] / (schedule.accumulation * world)).tolist()
-        grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
         metrics = {"step": step + 1, "epoch": step // schedule.steps_per_epoch, **dict(zip(_MEANS, means)),
                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "learning_rate": learning_rate, "tokens/s": float(sums[-1]) / seconds,
@@ -120,6 +109,37 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report(_reportable(state["metrics"][-1]), checkpoint=final, checkpoint_dir_name="final")
 
 
+def train_step(engine, reference, micro_batches: list[list[dict]], train, pad_id: int, all_reduce):
+    """One optimizer step of this worker over its micro-batches. Returns the metric sums (the
+    _MEANS, then the token count) over the micro-batches and, through `all_reduce`, over the
+    workers, and the step's global gradient norm (None where DeepSpeed records none).
+
+    Every tensor stays on the engine's device, the sums handed to `all_reduce` included: NCCL,
+    Ray Train's backend on GPUs, reduces only CUDA tensors, and a metric read back to the host
+    after each micro-batch would wait for the GPU each time."""
+    import torch
+
+    sums = torch.zeros(len(_MEANS) + 1, dtype=torch.float64, device=engine.device)
+    grad_norm = None
+    # DeepSpeed wraps the optimizer under ZeRO, bf16 and fp16, and that wrapper records the norm;
+    # otherwise it steps the torch optimizer directly and records none.
+    records_norm = bool(engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
+    engine.train()
+    for batch in micro_batches:
+        loss, row = _micro_batch_loss(engine, reference, batch, train, pad_id)
+        engine.backward(loss)
+        if engine.is_gradient_accumulation_boundary() and not records_norm:
+            # Whole gradients, already averaged over workers.
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in engine.module.parameters() if p.grad is not None]).item()
+        engine.step()
+        sums += row
+    all_reduce(sums)
+    if grad_norm is None:
+        grad_norm = engine.get_global_grad_norm()
+    return sums, grad_norm
+
+
 def _micro_batch_loss(engine, reference, batch: list[dict], train, pad_id: int):
     """The mean loss of one micro-batch and its metric row (the _MEANS, then the token count)."""
     import torch
@@ -153,8 +173,10 @@ def _micro_batch_loss(engine, reference, batch: list[dict], train, pad_id: int):
         loss = loss + train.sft_weight * per_token_nll(policy["chosen"], policy["chosen_tokens"]).mean()
     metrics = {**metrics, "loss": loss, "logps/chosen": policy["chosen"].mean(),
                "logps/rejected": policy["rejected"].mean()}
-    row = [float(metrics[k].detach()) for k in _MEANS] + [policy["tokens"]]
-    return loss, torch.tensor(row, dtype=torch.float64)
+    device = policy["chosen"].device
+    row = [torch.as_tensor(metrics[k]).detach().to(device, torch.float64).reshape(()) for k in _MEANS]
+    row.append(torch.tensor(float(policy["tokens"]), dtype=torch.float64, device=device))
+    return loss, torch.stack(row)
 
 
 def _say(text: str) -> None:

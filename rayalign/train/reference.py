@@ -48,10 +48,11 @@ class ReferenceLogps:
     Call it with a batch of columns (index, prompt_ids, chosen_ids, rejected_ids); it returns
     index, ref_chosen_logps and ref_rejected_logps (float32)."""
 
-    def __init__(self, model: str, precision: str, pad_id: int):
+    def __init__(self, model: str, precision: str, pad_id: int, device: str = "cpu"):
         from rayalign.train.engine import load_model
 
-        self.model = load_model(model, precision, trainable=False)
+        # On the GPU Ray gave the actor (num_gpus=1 with cluster.use_gpu), not on its host.
+        self.model = load_model(model, precision, trainable=False).to(device)
         self.pad_id = pad_id
 
     def __call__(self, batch: dict) -> dict:
@@ -65,8 +66,8 @@ class ReferenceLogps:
         with torch.inference_mode():
             out = pair_logps(self.model, pairs, self.pad_id)
         return {"index": np.asarray(batch["index"]),
-                "ref_chosen_logps": out["chosen"].float().numpy(),
-                "ref_rejected_logps": out["rejected"].float().numpy()}
+                "ref_chosen_logps": out["chosen"].float().cpu().numpy(),
+                "ref_rejected_logps": out["rejected"].float().cpu().numpy()}
 
 
 # ---- fingerprints ----------------------------------------------------------------------------
@@ -197,7 +198,8 @@ def reference_pass(table, config: RunConfig, precision: str, pad: int):
     ds = ray.data.from_arrow(table.select(["index", "prompt_ids", "chosen_ids", "rejected_ids"]))
     ds = ds.map_batches(
         ReferenceLogps,
-        fn_constructor_kwargs={"model": reference_model(config), "precision": precision, "pad_id": pad},
+        fn_constructor_kwargs={"model": reference_model(config), "precision": precision, "pad_id": pad,
+                               "device": "cuda" if config.cluster.use_gpu else "cpu"},
         batch_size=ref.batch_size, compute=ray.data.ActorPoolStrategy(size=ref.concurrency), batch_format="numpy",
         num_cpus=ref.cpus_per_actor, num_gpus=1 if config.cluster.use_gpu else 0,
     )
