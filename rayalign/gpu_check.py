@@ -1,0 +1,280 @@
+"""The GPU check behind `scripts/gpu-check`: does the training code compute on a GPU what it
+computes on the CPU? It runs the production functions, never copies of them:
+
+- the loss table (every loss of `rayalign.train.losses.LOSSES` on the same inputs),
+- the log-prob code (`pair_logps`, chosen and rejected in one forward) and the reference pass's
+  actor (`ReferenceLogps`, its model on the device),
+- the training step the Ray Train loop runs (`rayalign.train.loop.train_step`) in one process
+  with a process group of size 1 (NCCL on the GPU, gloo with `--cpu`): 4 steps under ZeRO-2 and
+  2 under ZeRO-3 on a real DeepSpeed engine where DeepSpeed imports, else on a plain torch AdamW
+  engine that drives the same step function.
+
+Each result is compared with the same computation on the CPU, within the tolerances below (all
+fp32), and the check prints one line per part with its figure. It needs only torch, transformers
+and PyYAML: no Ray, vLLM or network; it builds its own tiny model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+LOSS_TOLERANCE = 1e-5       # per example, fp32 losses of the same log-probs
+LOGPS_TOLERANCE = 1e-3      # per sequence, summed fp32 log-probs of a 2-layer model
+STEP_TOLERANCE = 1e-4       # the first step's loss, before any update
+
+
+class CheckFailed(AssertionError):
+    pass
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise CheckFailed(message)
+
+
+class TorchEngine:
+    """What `train_step` needs of a DeepSpeed engine, over a plain model and torch AdamW, for a
+    machine without DeepSpeed. One process: gradients are whole, as after DeepSpeed's reduction."""
+
+    def __init__(self, model, learning_rate: float, device):
+        import torch
+
+        self.device = torch.device(device)
+        self.module = model.to(self.device)
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=learning_rate)
+
+    def __call__(self, **inputs):
+        return self.module(**inputs)
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def train(self):
+        self.module.train()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def is_gradient_accumulation_boundary(self):
+        return True  # one micro-batch a step here
+
+    def step(self):
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_optimization(self):
+        return 0
+
+    def bfloat16_enabled(self):
+        return False
+
+    def fp16_enabled(self):
+        return False
+
+    def get_global_grad_norm(self):
+        return None
+
+
+def toy_rows(tokenizer, n: int = 16) -> list[dict]:
+    """Tokenized addition pairs: chosen the sum, rejected the sum with its last digit changed."""
+    from rayalign.tasks import addition_prompts
+    from rayalign.train.data import tokenize_pairs
+
+    pairs = []
+    for row in addition_prompts(n, seed=0):
+        last = row["reference"][-1]
+        wrong = row["reference"][:-1] + str((int(last) + 1) % 10)
+        pairs.append({"id": row["id"], "prompt": row["prompt"], "chosen": row["reference"], "rejected": wrong})
+    return tokenize_pairs(tokenizer, pairs, 64, 32).rows
+
+
+def check_losses(device) -> str:
+    import inspect
+
+    import torch
+
+    from rayalign.train.losses import LOSSES
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = [-20 * torch.rand(8, generator=generator) for _ in range(4)]
+    worst = 0.0
+    for name, loss in LOSSES.items():
+        options = {"chosen_token_count": torch.full((8,), 5)} if "chosen_token_count" in inspect.signature(
+            loss).parameters else {}
+        on_cpu, _ = loss(*inputs, beta=0.1, **options)
+        on_device, _ = loss(*(t.to(device) for t in inputs), beta=0.1,
+                            **{k: v.to(device) for k, v in options.items()})
+        _check(on_device.device.type == torch.device(device).type, f"loss {name} left the device")
+        difference = (on_device.cpu() - on_cpu).abs().max().item()
+        _check(difference <= LOSS_TOLERANCE, f"loss {name}: {difference:.2e} from the CPU (> {LOSS_TOLERANCE})")
+        worst = max(worst, difference)
+    return f"{len(LOSSES)} losses agree with the CPU (max |diff| {worst:.1e} <= {LOSS_TOLERANCE})"
+
+
+def check_logps(model_dir: Path, rows: list[dict], pad_id: int, device) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rayalign.train.forward import pair_logps
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        on_cpu = pair_logps(model, rows, pad_id)
+        model.to(device)
+        start = time.perf_counter()
+        on_device = pair_logps(model, rows, pad_id)
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+    difference = max((on_device[k].cpu() - on_cpu[k]).abs().max().item() for k in ("chosen", "rejected"))
+    _check(on_device["chosen"].device.type == torch.device(device).type, "log-probs left the device")
+    _check(difference <= LOGPS_TOLERANCE, f"log-probs: {difference:.2e} from the CPU (> {LOGPS_TOLERANCE})")
+    return (f"{len(rows)} pairs agree with the CPU (max |diff| {difference:.1e} nats <= {LOGPS_TOLERANCE}), "
+            f"{on_device['tokens'] / seconds:,.0f} tokens/s")
+
+
+def check_reference(model_dir: Path, rows: list[dict], pad_id: int, device) -> str:
+    """The reference pass's actor (`ReferenceLogps`, as Ray Data runs it) on the device against the
+    CPU; the CPU's log-probs become the rows' stored reference columns for the training steps."""
+    from rayalign.train.reference import ReferenceLogps
+
+    batch = {"index": list(range(len(rows))), **{k: [r[k] for r in rows] for k in
+                                                  ("prompt_ids", "chosen_ids", "rejected_ids")}}
+    on_cpu = ReferenceLogps(str(model_dir), "fp32", pad_id, "cpu")(batch)
+    actor = ReferenceLogps(str(model_dir), "fp32", pad_id, device)
+    _check(next(actor.model.parameters()).device.type == _type(device), "the reference model is not on the device")
+    start = time.perf_counter()
+    on_device = actor(batch)
+    seconds = time.perf_counter() - start
+    difference = max(abs(on_device[k] - on_cpu[k]).max() for k in ("ref_chosen_logps", "ref_rejected_logps"))
+    _check(difference <= LOGPS_TOLERANCE, f"reference pass: {difference:.2e} from the CPU (> {LOGPS_TOLERANCE})")
+    for row, chosen, rejected in zip(rows, on_cpu["ref_chosen_logps"], on_cpu["ref_rejected_logps"]):
+        row["ref_chosen_logps"], row["ref_rejected_logps"] = float(chosen), float(rejected)
+    return (f"{len(rows)} pairs agree with the CPU (max |diff| {difference:.1e} nats <= {LOGPS_TOLERANCE}), "
+            f"{len(rows) / seconds:,.0f} pairs/s")
+
+
+def _type(device) -> str:
+    import torch
+
+    return torch.device(device).type
+
+
+def check_steps(model_dir: Path, rows: list[dict], pad_id: int, device, zero_stage: int, steps: int) -> str:
+    """`steps` steps of train_step over micro-batches of 4 pairs; the first loss against the CPU's."""
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from rayalign.config import load_config
+    from rayalign.train.loop import _MEANS, _micro_batch_loss, train_step
+
+    train = load_config(None, [f"train.model={model_dir}", "train.precision=fp32", "train.batch_size=4",
+                               "train.micro_batch_size=4", "train.num_workers=1", "train.learning_rate=1e-3",
+                               "train.warmup_ratio=0", "train.lr_schedule=constant",
+                               f"train.zero_stage={zero_stage}"]).train
+    batches = [rows[4 * i:4 * i + 4] for i in range(steps)]
+    cpu_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        _, expected = _micro_batch_loss(cpu_model, None, batches[0], train, pad_id)
+    engine, kind = _engine(train, model_dir, device, steps)
+    _check(engine.device.type == torch.device(device).type, f"the engine is on {engine.device}, not {device}")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    rows_seen, tokens = [], 0.0
+    start = time.perf_counter()
+    for batch in batches:
+        sums, _ = train_step(engine, None, [batch], train, pad_id, dist.all_reduce)
+        rows_seen.append(sums.cpu())
+        tokens += sums[-1].item()
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    # The first step's metrics (loss, rewards, the policy's log-probs) were computed before any
+    # update: the CPU's, within the tolerances.
+    first = dict(zip(_MEANS, rows_seen[0].tolist()))
+    cpu = dict(zip(_MEANS, expected.tolist()))
+    for name, value in first.items():
+        tolerance = LOGPS_TOLERANCE if name.startswith("logps/") else STEP_TOLERANCE
+        _check(abs(value - cpu[name]) <= tolerance, f"{kind}: the first step's {name} is {value:.6f}, "
+                                                    f"the CPU's {cpu[name]:.6f} (tolerance {tolerance})")
+    losses = [row[0].item() for row in rows_seen]
+    _check(all(loss == loss for loss in losses), f"{kind}: a loss is NaN: {losses}")
+    peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if torch.cuda.is_available() else ""
+    return (f"{kind}: {steps} steps, first step as on the CPU (loss {losses[0]:.5f}, logps/chosen "
+            f"{first['logps/chosen']:.3f}), last loss {losses[-1]:.5f}, {steps * 4 / seconds:.1f} pairs/s, "
+            f"{tokens / seconds:,.0f} tokens/s{peak}")
+
+
+def _engine(train, model_dir: Path, device, steps: int):
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        return TorchEngine(model, train.learning_rate, device), "torch AdamW (no DeepSpeed here)"
+    from rayalign.train.engine import build_engine
+
+    return build_engine(train, "fp32", steps), f"DeepSpeed ZeRO-{train.zero_stage}"
+
+
+def _quiet() -> None:
+    """Library warnings and progress bars off: the check prints its own lines."""
+    import logging
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_reduced(cpu: bool, out=print) -> None:
+    """The reduced check; raises CheckFailed naming the part that disagrees."""
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from rayalign.models import init_model
+    from rayalign.train.reference import pad_id as pad_of
+
+    _quiet()
+    if not cpu and not torch.cuda.is_available():
+        raise CheckFailed("no CUDA device: run `scripts/gpu-check --cpu` for the CPU check")
+    device = "cpu" if cpu else "cuda:0"
+    backend = "gloo" if cpu else "nccl"
+    start = time.perf_counter()
+    name = "CPU" if cpu else torch.cuda.get_device_name(0)
+    out(f"rayalign gpu-check (reduced) on {name}: torch {torch.__version__}, process group {backend} of size 1")
+    with tempfile.TemporaryDirectory(prefix="rayalign-gpu-check-") as tmp:
+        model_dir = init_model(Path(tmp) / "tiny", "tiny")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        rows, pad = toy_rows(tokenizer), pad_of(tokenizer)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),
+                          RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if device != "cpu":
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend, rank=0, world_size=1)
+        try:
+            out(f"  losses     {check_losses(device)}")
+            out(f"  log-probs  {check_logps(model_dir, rows, pad, device)}")
+            out(f"  reference  {check_reference(model_dir, rows, pad, device)}")
+            out(f"  train      {check_steps(model_dir, rows, pad, device, zero_stage=2, steps=4)}")
+            out(f"  train      {check_steps(model_dir, rows, pad, device, zero_stage=3, steps=2)}")
+        finally:
+            dist.destroy_process_group()
+    out(f"rayalign gpu-check: passed in {time.perf_counter() - start:.0f} s")
