@@ -158,8 +158,7 @@ def test_deepspeed_config_from_train_config(tmp_path, tiny_model):
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 4)
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"] == {"enabled": True}
-    assert ds["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
-                                       "offload_optimizer": {"device": "cpu", "pin_memory": False}}
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
     assert engine.deepspeed_config(config.train, "fp32")["bf16"] == {"enabled": False}
 
 
@@ -393,8 +392,8 @@ def test_a_training_step_keeps_every_tensor_on_the_engines_device(tmp_path, tiny
 def test_zero3_partitions_the_policy_as_it_loads(tmp_path, tiny_model):
     """Two real DeepSpeed processes: under ZeRO-3 each holds half of the policy from the moment it
     loads (never the whole model), the gathered weights are the checkpoint's, and a reference
-    model loaded afterwards (reference.on_the_fly) is whole, and the export gathers the whole
-    state dict on rank 0 alone."""
+    model loaded afterwards with load_model is whole, the export gathers the whole state dict on
+    rank 0 alone, and the on-the-fly reference is partitioned like the policy and scores alike."""
     from tests.conftest import PYTHON, ROOT, free_port
 
     done = subprocess.run([PYTHON, str(ROOT / "tests" / "zero3_load.py"), str(tiny_model), str(tmp_path),
@@ -412,3 +411,7 @@ def test_zero3_partitions_the_policy_as_it_loads(tmp_path, tiny_model):
     # The export's gather: the whole state dict on rank 0 only, equal to the checkpoint's.
     assert ranks[0]["export"] == {"keys_equal": True, "tensors_equal": True, "on_cpu": True}
     assert ranks[1]["export"] is None
+    # The on-the-fly reference: half of it on each worker, scoring as the whole model does.
+    for held in ranks:
+        assert held["on_the_fly"]["visible"] == 0 and whole / 2 <= held["on_the_fly"]["local"] <= whole / 2 + held["count"]
+        assert held["on_the_fly"]["max_difference"] < 1e-4

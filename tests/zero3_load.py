@@ -1,7 +1,8 @@
 """Run as a script by test_train_parts: two processes (gloo, CPU) load the policy with
 rayalign.train.engine.load_policy under ZeRO-3, then a frozen model as the on-the-fly reference is
 loaded, and each process writes what it holds to <out>/rank<r>.json, with whether the export's
-gathered state dict (rank 0's; None elsewhere) equals the checkpoint's, key by key.
+gathered state dict (rank 0's; None elsewhere) equals the checkpoint's, key by key, and what the
+on-the-fly reference (rayalign.train.engine.load_reference) holds and computes.
 
 Usage: python tests/zero3_load.py MODEL_DIR OUT_DIR PORT"""
 
@@ -21,7 +22,7 @@ def worker(rank: int, model: str, out: str, port: str) -> None:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     from rayalign.config import load_config
-    from rayalign.train.engine import deepspeed_config, gathered_state_dict, load_model, load_policy
+    from rayalign.train.engine import deepspeed_config, gathered_state_dict, load_model, load_policy, load_reference
 
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -48,6 +49,27 @@ def worker(rank: int, model: str, out: str, port: str) -> None:
                           "tensors_equal": all(torch.equal(exported[k], expected[k]) for k in expected if k in exported),
                           "on_cpu": all(t.device.type == "cpu" for t in exported.values())}
     held["reference_visible"] = sum(p.numel() for p in reference.parameters())
+    # The on-the-fly reference under ZeRO-3: partitioned like the policy, and its log-probs are the
+    # whole model's (each rank scores its own pairs; the gathers are collective).
+    from transformers import AutoTokenizer
+
+    from rayalign.tasks import addition_prompts
+    from rayalign.train.data import tokenize_pairs
+    from rayalign.train.forward import pair_logps
+
+    on_the_fly = load_reference(model, train, "fp32", "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rows = tokenize_pairs(tokenizer, [{"id": r["id"], "prompt": r["prompt"], "chosen": r["reference"],
+                                       "rejected": r["reference"][::-1]} for r in addition_prompts(4, seed=rank)],
+                          64, 32).rows
+    with torch.no_grad():
+        partitioned = pair_logps(on_the_fly, rows, tokenizer.pad_token_id)
+        whole = pair_logps(reference, rows, tokenizer.pad_token_id)
+    ref_params = list(on_the_fly.module.parameters())
+    held["on_the_fly"] = {
+        "local": sum(p.ds_tensor.numel() for p in ref_params if hasattr(p, "ds_tensor")),
+        "visible": sum(p.numel() for p in ref_params),
+        "max_difference": max((partitioned[k] - whole[k]).abs().max().item() for k in ("chosen", "rejected"))}
     held["embed_equal"] = bool(torch.equal(gathered, dict(reference.named_parameters())[name]))
     Path(out, f"rank{rank}.json").write_text(json.dumps(held))
     torch.distributed.destroy_process_group()

@@ -58,9 +58,6 @@ def torch_dtype(precision: str):
 def deepspeed_config(train: TrainConfig, precision: str) -> dict:
     """The DeepSpeed config of a run; the optimizer and LR schedule are passed as objects."""
     zero: dict = {"stage": train.zero_stage}
-    if train.zero_stage == 3:
-        # Lets the export gather the full weights from every rank's shard.
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     return {
@@ -128,6 +125,26 @@ def load_policy(train: TrainConfig, precision: str, ds_config: dict):
     model = load_model(train.model, precision, trainable=True)
     del zero3  # transformers holds it weakly: a reference model loaded later (on the fly) loads whole
     return model
+
+
+def load_reference(path: str, train: TrainConfig, precision: str, device):
+    """The frozen reference model of `reference.on_the_fly`, beside the policy. Under ZeRO-3 it is
+    partitioned across the workers as it loads, like the policy, and runs in a DeepSpeed engine
+    without an optimizer, which gathers each layer's weights for its forward: no worker holds the
+    whole reference. Otherwise it is whole, on the worker's device."""
+    if train.zero_stage != 3:
+        return load_model(path, precision, trainable=False).to(device)
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    ds_config = deepspeed_config(train, precision)
+    ds_config["zero_optimization"] = {"stage": 3}  # nothing to offload: no optimizer state
+    zero3 = HfDeepSpeedConfig(ds_config)
+    model = load_model(path, precision, trainable=False)
+    del zero3
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
 
 
 def build_engine(train: TrainConfig, precision: str, total_steps: int):

@@ -34,7 +34,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from rayalign.train.engine import build_engine, export_hf, load_model, load_state, save_state
+    from rayalign.train.engine import build_engine, export_hf, load_reference, load_state, save_state
     from rayalign.train.logs import RunLog
 
     train, schedule, precision = config["train"], config["schedule"], config["precision"]
@@ -56,8 +56,7 @@ def train_loop_per_worker(config: dict) -> None:
     engine = build_engine(train, precision, schedule.total_steps)
     reference = None
     if config["reference_model"] is not None:  # reference.on_the_fly
-        # Beside the policy: its log-probs meet the policy's in the loss.
-        reference = load_model(config["reference_model"], precision, trainable=False).to(engine.device)
+        reference = load_reference(config["reference_model"], train, precision, engine.device)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             load_state(engine, Path(directory), rank)
