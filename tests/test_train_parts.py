@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rayalign.config import ConfigError
+from rayalign.gpu_check import TorchEngine
 from rayalign.train import engine, reference
 from rayalign.train.data import Schedule, encode_pair, encode_prompt, tokenize_pairs
 from rayalign.train.run import check_config, run_reference, run_train
@@ -308,12 +309,10 @@ def test_added_supervised_term_and_length_normalisation_by_hand(tmp_path, tiny_m
         train_config(tmp_path, tiny_model, tmp_path, "train.loss=sft", "train.sft_weight=1")
 
 
-class _OffHostEngine:
+class _OffHostEngine(TorchEngine):
     """What the training step sees of a DeepSpeed engine, on a device where no tensor made
     without one lands: `meta`, standing in for a GPU on this CPU-only machine (it has shapes
     but no values, so any read back to the host raises as well)."""
-
-    device = torch.device("meta")
 
     def __init__(self, vocab: int, global_norm: float):
         import types
@@ -327,35 +326,14 @@ class _OffHostEngine:
             def forward(self, input_ids, attention_mask, use_cache, logits_to_keep):
                 return types.SimpleNamespace(logits=self.head(self.embed(input_ids[:, -logits_to_keep:])))
 
-        self.module = Bigram().to(self.device)
+        super().__init__(Bigram(), learning_rate=1e-3, device="meta")
         self.global_norm, self.steps = global_norm, 0
 
-    def __call__(self, **inputs):
-        return self.module(**inputs)
-
-    def parameters(self):
-        return self.module.parameters()
-
-    def train(self):
-        self.module.train()
-
-    def backward(self, loss):
-        loss.backward()
-
-    def is_gradient_accumulation_boundary(self):
-        return True
-
-    def step(self):
+    def step(self):  # meta tensors hold no values to update
         self.steps += 1
 
     def zero_optimization(self):
         return 2  # DeepSpeed's ZeRO optimizer records the global norm itself
-
-    def bfloat16_enabled(self):
-        return False
-
-    def fp16_enabled(self):
-        return False
 
     def get_global_grad_norm(self):
         return self.global_norm
