@@ -3,7 +3,7 @@
 When RAYALIGN_EVENTS names a directory, every vLLM engine core that starts in a process that
 inherits the variable (Ray Data actors, Serve replicas, reviser actors, commands and scripts)
 and every Ray Train fit that rayalign starts append one JSON line to DIR/events.jsonl:
-{"kind": "engine" or "fit", "pid", "time", and the model or the training output}. The test
+{"kind": "engine" or "fit", "pid", "time", and the model and its dtype, or the training output}. The test
 suite counts them; a user can point it anywhere to see what a run started.
 
 vLLM runs `register` in each of its processes through the `vllm.general_plugins` entry point
@@ -70,5 +70,7 @@ def register() -> None:
 
 
 def _engine(vllm_config) -> None:
-    model = getattr(getattr(vllm_config, "model_config", None), "model", None)
-    record("engine", model=str(model))
+    model_config = getattr(vllm_config, "model_config", None)
+    dtype = getattr(model_config, "dtype", None)
+    record("engine", model=str(getattr(model_config, "model", None)),
+           dtype=str(dtype).removeprefix("torch.") if dtype is not None else None)

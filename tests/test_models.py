@@ -107,6 +107,7 @@ def test_vllm_generates_what_transformers_generates(tmp_path, tiny_model, preset
     # The engine's start was recorded in the engine's own process (rayalign.events, a vLLM plugin).
     started = engine_starts(model)[len(before):]
     assert len(started) == 1 and started[0]["pid"] != os.getpid(), started
+    assert started[0]["dtype"] == "float32"  # as the script asked, seen by the engine itself
 
 
 def engine_starts(model) -> list[dict]:
