@@ -223,6 +223,7 @@ def main() -> None:
     # The load generator shares the machine with the server: no log line per request, wherever
     # logging is configured at INFO (httpx logs each request there).
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
 
     from rayalign.models import PRESETS, builtin_corpus
 

@@ -222,3 +222,23 @@ def test_number_values_in_digits_and_words():
     assert [verifier.number_value(t) for t in ("1,024", "-3.5", "twenty-one", "Twenty one", "twice", "nineteen")] == [
         1024, -3.5, 21, 21, 2, 19]
     assert verifier.number_value("twentyish") is None
+
+
+def test_the_openai_clients_request_log_stays_off_the_console():
+    """One INFO line per HTTP request would drown the progress of evaluation and revision once a
+    library (Ray Serve) sets the root logger to INFO; the openai client's HTTP library is quiet."""
+    import logging
+
+    import openai._base_client as client
+
+    import rayalign.clair.endpoint  # noqa: F401  (sets the levels)
+
+    http = next(getattr(client, name) for name in ("httpx2", "httpx") if hasattr(client, name))
+    logger = logging.getLogger(http.__name__.split(".")[0])
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.INFO)  # as Ray Serve sets it
+    try:
+        assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
+    finally:
+        root.setLevel(level)

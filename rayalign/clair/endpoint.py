@@ -13,9 +13,11 @@ import random
 import time
 from dataclasses import dataclass
 
-# One INFO line per HTTP request (the `openai` client's httpx) drowns progress once a library
-# has set the root logger to INFO, as Ray Serve does; failures are reported here, with retries.
-logging.getLogger("httpx").setLevel(logging.WARNING)
+# One INFO line per HTTP request (the `openai` client's httpx, httpx2 from openai 3 on) drowns
+# progress once a library has set the root logger to INFO, as Ray Serve does; failures are
+# reported here, with retries.
+for _name in ("httpx", "httpx2"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 class RequestFailed(Exception):
