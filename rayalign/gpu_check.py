@@ -107,7 +107,7 @@ def check_losses(device) -> str:
         on_cpu, _ = loss(*inputs, beta=0.1, **options)
         on_device, _ = loss(*(t.to(device) for t in inputs), beta=0.1,
                             **{k: v.to(device) for k, v in options.items()})
-        _check(on_device.device.type == torch.device(device).type, f"loss {name} left the device")
+        _check(on_device.device.type == _type(device), f"loss {name} left the device")
         difference = (on_device.cpu() - on_cpu).abs().max().item()
         _check(difference <= LOSS_TOLERANCE, f"loss {name}: {difference:.2e} from the CPU (> {LOSS_TOLERANCE})")
         worst = max(worst, difference)
@@ -129,7 +129,7 @@ def check_logps(model_dir: Path, rows: list[dict], pad_id: int, device) -> str:
         _synchronize(device)
         seconds = time.perf_counter() - start
     difference = max((on_device[k].cpu() - on_cpu[k]).abs().max().item() for k in ("chosen", "rejected"))
-    _check(on_device["chosen"].device.type == torch.device(device).type, "log-probs left the device")
+    _check(on_device["chosen"].device.type == _type(device), "log-probs left the device")
     _check(difference <= LOGPS_TOLERANCE, f"log-probs: {difference:.2e} from the CPU (> {LOGPS_TOLERANCE})")
     return (f"{len(rows)} pairs agree with the CPU (max |diff| {difference:.1e} nats <= {LOGPS_TOLERANCE}), "
             f"{on_device['tokens'] / seconds:,.0f} tokens/s")
@@ -163,7 +163,8 @@ def _type(device) -> str:
 
 
 def check_steps(model_dir: Path, rows: list[dict], pad_id: int, device, zero_stage: int, steps: int) -> str:
-    """`steps` steps of train_step over micro-batches of 4 pairs; the first loss against the CPU's."""
+    """`steps` steps of train_step over micro-batches of 4 pairs; the first step's metrics against
+    the CPU's."""
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
@@ -180,17 +181,17 @@ def check_steps(model_dir: Path, rows: list[dict], pad_id: int, device, zero_sta
     with torch.no_grad():
         _, expected = _micro_batch_loss(cpu_model, None, batches[0], train, pad_id)
     engine, kind = _engine(train, model_dir, device, steps)
-    _check(engine.device.type == torch.device(device).type, f"the engine is on {engine.device}, not {device}")
+    _check(engine.device.type == _type(device), f"the engine is on {engine.device}, not {device}")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    rows_seen, tokens = [], 0.0
+    rows_seen = []
     start = time.perf_counter()
     for batch in batches:
         sums, _ = train_step(engine, None, [batch], train, pad_id, dist.all_reduce)
         rows_seen.append(sums.cpu())
-        tokens += sums[-1].item()
     _synchronize(device)
     seconds = time.perf_counter() - start
+    tokens = sum(row[-1].item() for row in rows_seen)
     # The first step's metrics (loss, rewards, the policy's log-probs) were computed before any
     # update: the CPU's, within the tolerances.
     first = dict(zip(_MEANS, rows_seen[0].tolist()))
@@ -239,7 +240,7 @@ def _quiet() -> None:
 def _synchronize(device) -> None:
     import torch
 
-    if torch.device(device).type == "cuda":
+    if _type(device) == "cuda":
         torch.cuda.synchronize()
 
 
