@@ -425,6 +425,19 @@ class RunConfig:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)
+        if self.cluster.use_gpu:
+            for key, engine in self.vllm_engines().items():
+                _check(engine.gpus_per_engine > 0, f"{key}.gpus_per_engine",
+                       "is 0, but cluster.use_gpu is true: vLLM's CUDA build cannot run an engine without a GPU "
+                       "(set it to 1, or a fraction to share a GPU)")
+
+    def vllm_engines(self) -> dict[str, EngineConfig]:
+        """The vLLM engines this config starts, by key: the target's, the reviser's when it is a
+        vLLM model, and the served models'."""
+        engines = {"clair.engine": self.clair.engine, "serve.engine": self.serve.engine}
+        if self.clair.reviser.backend == "vllm":
+            engines["clair.reviser.engine"] = self.clair.reviser.engine
+        return engines
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -75,12 +75,28 @@ def test_int_is_accepted_where_a_float_is_expected():
         (["train.lora.r=0"], "train.lora.r: must be at least 1"),
         (["train.beta"], "override 'train.beta': expected section.key=value"),
         (["train.beta.x=1"], "train.beta: expected a number, got {'x': 1}"),
+        # On a GPU cluster every vLLM engine the config starts needs a GPU, the reviser's only
+        # when the reviser is a vLLM model.
+        (["cluster.use_gpu=true", "serve.engine.gpus_per_engine=1"],
+         "clair.engine.gpus_per_engine: is 0, but cluster.use_gpu is true: vLLM's CUDA build cannot run"),
+        (["cluster.use_gpu=true", "clair.engine.gpus_per_engine=0.5"],
+         "serve.engine.gpus_per_engine: is 0, but cluster.use_gpu is true"),
+        (["cluster.use_gpu=true", "clair.engine.gpus_per_engine=1", "serve.engine.gpus_per_engine=1",
+          "clair.reviser.backend=vllm", "clair.reviser.model=/m/big"],
+         "clair.reviser.engine.gpus_per_engine: is 0, but cluster.use_gpu is true"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, overrides)
     assert message in str(info.value)
+
+
+def test_a_gpu_config_with_a_gpu_for_every_engine_it_starts_is_valid():
+    config = load_config(None, ["cluster.use_gpu=true", "clair.engine.gpus_per_engine=0.5",
+                                "serve.engine.gpus_per_engine=1"])  # the verifier reviser starts no engine
+    assert set(config.vllm_engines()) == {"clair.engine", "serve.engine"}
+    assert load_config(ROOT / "examples" / "paper-llama3-8b.yaml").cluster.use_gpu
 
 
 def test_bad_yaml_files_name_the_file(tmp_path):
