@@ -16,7 +16,10 @@ and PyYAML: no Ray, vLLM or network; it builds its own tiny model.
 
 from __future__ import annotations
 
+import importlib
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +29,73 @@ LOGPS_TOLERANCE = 1e-3      # per sequence, summed fp32 log-probs of a 2-layer m
 STEP_TOLERANCE = 1e-4       # the first step's loss, before any update
 
 
+# Files that bring DeepSpeed to a bare machine (Python 3.12, torch and transformers): filled here by
+# `scripts/gpu-check --fetch-wheels`, carried beside the checkout, installed there without network.
+WHEELS = Path(__file__).resolve().parents[1] / ".gpu-check-wheels"
+# What DeepSpeed needs beyond torch and transformers (which bring numpy, packaging, tqdm, PyYAML).
+DEEPSPEED_NEEDS = ("einops", "hjson", "msgpack", "ninja", "psutil", "py-cpuinfo", "pydantic")
+
+
 class CheckFailed(AssertionError):
     pass
+
+
+def fetch_commands(folder: Path, python_version: str = "3.12") -> list[list[str]]:
+    """The pip commands that fill `folder`: DeepSpeed's source (PyPI has no DeepSpeed wheel) at
+    the version installed here, and its dependencies as manylinux x86-64 wheels for
+    `python_version`."""
+    from importlib.metadata import version
+
+    pip = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(folder)]
+    return [pip + ["--no-deps", "--no-binary", "deepspeed", f"deepspeed=={version('deepspeed')}"],
+            pip + ["--python-version", python_version, "--platform", "manylinux2014_x86_64",
+                   "--platform", "manylinux_2_28_x86_64", "--only-binary=:all:", *DEEPSPEED_NEEDS]]
+
+
+def fetch_wheels(folder: Path = WHEELS, python_version: str = "3.12", out=print) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for command in fetch_commands(folder, python_version):
+        subprocess.run(command, check=True)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    out(f"rayalign gpu-check: {len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB in {folder} "
+        f"for Python {python_version}")
+
+
+def install_carried(folder: Path) -> Path:
+    """Install every wheel and source archive in `folder` without network or dependency
+    resolution into `folder/site-pyXY` (once per Python version) and return that folder.
+    Sources build against this environment (no build isolation: torch is already here)."""
+    site = folder / f"site-py{sys.version_info.major}{sys.version_info.minor}"
+    if site.is_dir():
+        return site
+    files = sorted(str(p) for p in folder.iterdir() if p.name.endswith((".whl", ".tar.gz")))
+    if not files:
+        raise CheckFailed(f"no wheels or sources in {folder}: fill it with `scripts/gpu-check --fetch-wheels`")
+    partial = site.with_name(site.name + ".partial")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                           "--no-build-isolation", "--target", str(partial), *files], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise CheckFailed(f"installing the files of {folder} failed: {(done.stderr or done.stdout).strip()[-500:]}")
+    partial.rename(site)
+    return site
+
+
+def deepspeed_here(folder: Path = WHEELS) -> tuple[bool, str]:
+    """Whether DeepSpeed imports, installed from `folder` first where it does not and the folder
+    is here, and a line saying which one or why not (the check then runs a torch AdamW engine)."""
+    instead = "a torch AdamW engine instead"
+    try:
+        import deepspeed
+    except ImportError:
+        if not folder.is_dir():
+            return False, f"not installed, and no carried files in {folder}: {instead}"
+        try:
+            sys.path.insert(0, str(install_carried(folder)))
+            importlib.invalidate_caches()
+            import deepspeed
+        except (CheckFailed, ImportError) as failure:
+            return False, f"not installed, and the carried files did not give it ({failure}): {instead}"
+    return True, f"{deepspeed.__version__} from {Path(deepspeed.__file__).parents[1]}"
 
 
 def _check(ok: bool, message: str) -> None:
@@ -261,6 +329,7 @@ def run_reduced(cpu: bool, out=print) -> None:
     start = time.perf_counter()
     name = "CPU" if cpu else torch.cuda.get_device_name(0)
     out(f"rayalign gpu-check (reduced) on {name}: torch {torch.__version__}, process group {backend} of size 1")
+    out(f"  deepspeed  {deepspeed_here()[1]}")
     with tempfile.TemporaryDirectory(prefix="rayalign-gpu-check-") as tmp:
         model_dir = init_model(Path(tmp) / "tiny", "tiny")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
