@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("clair", help="build CLAIR preference pairs (or a baseline mode) on Ray Data with vLLM")
     _add_config_args(p)
-    p.add_argument("--limit", type=int, metavar="N", help="attempt at most N pending units this run")
+    p.add_argument("--limit", type=int, metavar="N", help="attempt at most N pending units this run (overrides clair.limit)")
     p.add_argument("--dry-run", action="store_true",
                    help="estimate tokens and cost from the prompts; send nothing")
     p.set_defaults(func=cmd_clair)

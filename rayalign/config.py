@@ -169,7 +169,8 @@ class ClairConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     reviser: ReviserConfig = field(default_factory=ReviserConfig)
-    judge: Literal["verifier", "llm"] = "verifier"
+    # Refused when set: the judge of the judged modes is the reviser (clair.reviser.backend).
+    judge: str | None = None
     format: Literal["jsonl", "parquet"] = "jsonl"
     rows_per_shard: int = 10_000
     limit: int | None = None
@@ -186,6 +187,9 @@ class ClairConfig:
             f"{key}.max_total_tokens",
             "must be at least 1",
         )
+        _check(self.judge is None, f"{key}.judge",
+               f"the judge is clair.reviser.backend (here {self.reviser.backend!r}: the verifier, or a model "
+               "with backend vllm or openai); remove clair.judge and set clair.reviser")
         if self.mode == "onpolicy_judge":
             _check(self.sampling.n >= 2, f"{key}.sampling.n", "must be at least 2 for mode 'onpolicy_judge'")
 

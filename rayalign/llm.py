@@ -62,15 +62,12 @@ def placement(engine: EngineConfig) -> dict:
     return {"bundles": [bundle] * engine.tensor_parallel_size}
 
 
-def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict],
-               output_prefix: str, eos_token_id: int | None = None):
-    """A function from dataset to dataset: `request(row)` returns {"messages", "temperature", "max_tokens", "seed",
-    "schema"}; the output row is the input row plus `{prefix}_text`, `{prefix}_tokens` (the count),
-    `{prefix}_token_ids` (the generated ids, eos included), `{prefix}_truncated` (hit max_tokens
-    without eos) and `{prefix}_error` ('' when fine)."""
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+def processor_config(model: str, engine: EngineConfig):
+    """What `ray.data.llm` receives for `engine`: vLLM's engine arguments, the placement of each
+    replica, the number of replicas and rows per batch."""
+    from ray.data.llm import vLLMEngineProcessorConfig
 
-    config = vLLMEngineProcessorConfig(
+    return vLLMEngineProcessorConfig(
         model_source=model,
         engine_kwargs=engine_kwargs(engine),
         placement_group_config=placement(engine),
@@ -81,14 +78,33 @@ def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict]
         should_continue_on_error=True,
     )
 
+
+def sampling_params(req: dict) -> dict:
+    """vLLM's SamplingParams fields for one request of `chat_stage` (temperature, max_tokens, and
+    top_p, seed and a JSON schema where the request has them)."""
+    params = {"temperature": req["temperature"], "max_tokens": req["max_tokens"]}
+    if req.get("top_p") is not None:
+        params["top_p"] = float(req["top_p"])
+    if req.get("seed") is not None:
+        params["seed"] = int(req["seed"])
+    if req.get("schema") is not None:
+        params["structured_outputs"] = {"json": json.dumps(req["schema"])}
+    return params
+
+
+def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict],
+               output_prefix: str, eos_token_id: int | None = None):
+    """A function from dataset to dataset: `request(row)` returns {"messages", "temperature", "max_tokens", "seed",
+    "schema"} and optionally "top_p"; the output row is the input row plus `{prefix}_text`, `{prefix}_tokens` (the count),
+    `{prefix}_token_ids` (the generated ids, eos included), `{prefix}_truncated` (hit max_tokens
+    without eos) and `{prefix}_error` ('' when fine)."""
+    from ray.data.llm import build_processor
+
+    config = processor_config(model, engine)
+
     def preprocess(row: dict) -> dict:
         req = request(row)
-        params = {"temperature": req["temperature"], "max_tokens": req["max_tokens"]}
-        if req.get("seed") is not None:
-            params["seed"] = int(req["seed"])
-        if req.get("schema") is not None:
-            params["structured_outputs"] = {"json": json.dumps(req["schema"])}
-        return {**row, "messages": req["messages"], "sampling_params": params,
+        return {**row, "messages": req["messages"], "sampling_params": sampling_params(req),
                 "_max_tokens": req["max_tokens"]}
 
     def finish(row: dict) -> dict:

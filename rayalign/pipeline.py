@@ -144,11 +144,13 @@ def _guard_stage_config(out: Path, clair_config) -> None:
                             "api_key_env", "price_per_million_input_tokens", "price_per_million_output_tokens",
                             "engine")}
     shaping = {"prompts": c["prompts"], "mode": c["mode"], "target_model": c["target_model"],
-               "sampling": c["sampling"], "judge": c["judge"], "format": c["format"], "reviser": reviser,
+               "sampling": c["sampling"], "format": c["format"], "reviser": reviser,
                "engine": {k: c["engine"][k] for k in ("dtype", "max_model_len")}}
     saved = out / "clair_config.json"
     current = json.dumps(shaping, sort_keys=True)
-    if saved.exists() and saved.read_text() != current:
+    # Earlier versions also kept `judge`, a key that chose nothing (the reviser judges).
+    if saved.exists() and json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "judge"},
+                                     sort_keys=True) != current:
         raise ConfigError(f"clair: {out} holds pairs made with different clair settings; "
                           f"use a new run_dir or remove {out}")
     out.mkdir(parents=True, exist_ok=True)

@@ -193,12 +193,16 @@ def test_onpolicy_judge_with_an_llm_judge(tmp_path, student, ray_session, openai
 
 def test_onpolicy_judge_with_the_verifier_and_limit(tmp_path, student, ray_session):
     prompts = addition_prompts(10, seed=41)
-    _, config = setup_run(tmp_path, student, ray_session, prompts, mode="onpolicy_judge", sampling={"n": 2})
+    _, config = setup_run(tmp_path, student, ray_session, prompts, mode="onpolicy_judge", sampling={"n": 2},
+                          limit=3)
     out = tmp_path / "run" / "clair"
-    run_clair(config, limit=3)
+    run_clair(config)  # clair.limit: 3
     assert sum(len(part) for part in outputs(out)) == 3
-    run_clair(config)
+    run_clair(config, limit=len(prompts))  # --limit overrides clair.limit
     pairs, rejects = assert_exactly_once(out, [p["id"] for p in prompts])
+    # At temperature 1 and top_p 1 the two samples of a prompt differ, for some prompts at least
+    # (the control of the top_p test below).
+    assert pairs
     reference = {p["id"]: p["reference"] for p in prompts}
     for pair in pairs:
         ref = reference[pair["id"]]
@@ -208,12 +212,23 @@ def test_onpolicy_judge_with_the_verifier_and_limit(tmp_path, student, ray_sessi
 
 def test_stronger_preferred_with_the_verifier(tmp_path, student, ray_session):
     prompts = addition_prompts(6, seed=51)
-    _, config = setup_run(tmp_path, student, ray_session, prompts, mode="stronger_preferred")
+    # clair.sampling.top_p reaches vLLM: at temperature 1, a top_p this small leaves one token to
+    # choose from at every step, so the two samples of a prompt (seeds of their own) are the same.
+    _, config = setup_run(tmp_path, student, ray_session, prompts, mode="stronger_preferred",
+                          sampling={"n": 2, "top_p": 1e-6})
     run_clair(config)
-    pairs, rejects = assert_exactly_once(tmp_path / "run" / "clair", [p["id"] for p in prompts])
+    pairs, rejects = assert_exactly_once(tmp_path / "run" / "clair", [f"{p['id']}#{k}" for p in prompts for k in (0, 1)])
     reference = {p["id"]: p["reference"] for p in prompts}
-    assert all(p["chosen"] == reference[p["id"]] and p["source"] == "stronger_preferred" for p in pairs)
+    assert all(p["chosen"] == reference[p["metadata"]["prompt_id"]] and p["source"] == "stronger_preferred"
+               for p in pairs)
     assert all(r["reason"] in {"identical", "answer_too_long"} for r in rejects)
+    answers = {}
+    for p in pairs:
+        answers.setdefault(p["metadata"]["prompt_id"], []).append(("pair", p["rejected"]))
+    for r in rejects:
+        answers.setdefault(r["prompt_id"], []).append((r["reason"], r["answer"]))
+    assert sorted(answers) == sorted(reference)
+    assert all(len(both) == 2 and both[0] == both[1] for both in answers.values()), answers
 
 
 def test_dry_run_estimates_without_sending(tmp_path, student, ray_session):
@@ -231,6 +246,12 @@ def test_dry_run_estimates_without_sending(tmp_path, student, ray_session):
                       "reviser_input_tokens_max": expected_in, "reviser_output_tokens_max": 500,
                       "estimated_cost": round((expected_in * 10 + 500 * 30) / 1e6, 4)}
     assert not (tmp_path / "run" / "clair" / "pairs").exists()
+    # clair.limit caps the units a run attempts; --limit (run_clair's limit) overrides it.
+    (tmp_path / "limited").mkdir()
+    _, limited = setup_run(tmp_path / "limited", student, ray_session, prompts, reviser=reviser, sampling={"max_tokens": 8},
+                           limit=2)
+    assert run_clair(limited, dry_run=True)["units"] == 2
+    assert run_clair(limited, limit=4, dry_run=True)["units"] == 4
 
 
 def test_offpolicy_mode_imports_judged_pairs(tmp_path, ray_session, student):

@@ -242,3 +242,58 @@ def test_the_openai_clients_request_log_stays_off_the_console():
         assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
     finally:
         root.setLevel(level)
+
+
+def test_every_sampling_field_reaches_vllms_sampling_params_or_the_units():
+    """clair.sampling: temperature, top_p and max_tokens go into each request's SamplingParams;
+    n is the number of units (samples) per prompt, seed the base of every unit's own seed."""
+    import dataclasses
+
+    from vllm import SamplingParams
+
+    from rayalign import llm
+    from rayalign.clair.outcomes import make_units
+    from rayalign.clair.stages import target_request
+    from rayalign.config import SamplingConfig
+
+    assert {f.name for f in dataclasses.fields(SamplingConfig)} == {"temperature", "top_p", "max_tokens", "n", "seed"}
+    sampling = SamplingConfig(temperature=0.3, top_p=0.42, max_tokens=17, n=3, seed=5)
+    prompts = [{"id": "p1", "prompt": "add: 1 + 2"}, {"id": "p2", "prompt": "add: 3 + 4"}]
+    units = make_units(prompts, sampling.n, sampling.seed)
+    assert [u["unit_id"].startswith("p1") for u in units] == [True] * 3 + [False] * 3
+    params = [SamplingParams(**llm.sampling_params(target_request(sampling)(u))) for u in units]
+    assert {(p.temperature, p.top_p, p.max_tokens) for p in params} == {(0.3, 0.42, 17)}
+    assert [p.seed for p in params] == [u["seed"] for u in units] and len({p.seed for p in params}) == 6
+    assert [u["seed"] for u in make_units(prompts, 3, 6)] != [u["seed"] for u in units]
+    # A default top_p (1.0) is sent as such; a request without one leaves vLLM's default.
+    assert SamplingParams(**llm.sampling_params(target_request(SamplingConfig())(units[0]))).top_p == 1.0
+    assert "top_p" not in llm.sampling_params({"temperature": 0.0, "max_tokens": 4})
+
+
+def test_every_engine_field_reaches_vllms_engine_arguments_or_rays_placement():
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from rayalign import llm
+    from rayalign.config import EngineConfig
+
+    engine = EngineConfig(dtype="float16", max_model_len=333, gpu_memory_utilization=0.42, tensor_parallel_size=2,
+                          concurrency=3, batch_size=7, cpus_per_engine=2.5, gpus_per_engine=1,
+                          resources={"node_a": 1}, engine_args={"max_num_seqs": 5},
+                          structured_output_backend="xgrammar")
+    assert {f.name for f in dataclasses.fields(EngineConfig)} == {
+        "dtype", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size", "concurrency", "batch_size",
+        "cpus_per_engine", "gpus_per_engine", "resources", "engine_args", "structured_output_backend"}
+    config = llm.processor_config("/models/m", engine)
+    # vLLM's own argument class takes every engine argument (Ray adds its task_type for itself).
+    args = EngineArgs(model="/models/m", **{k: v for k, v in config.engine_kwargs.items() if k != "task_type"})
+    assert (args.dtype, args.max_model_len, args.gpu_memory_utilization, args.tensor_parallel_size,
+            args.max_num_seqs) == ("float16", 333, 0.42, 2, 5)
+    assert args.structured_outputs_config["backend"] == "xgrammar"
+    assert (config.concurrency, config.batch_size) == (3, 7)
+    # One bundle per tensor-parallel worker, each with the engine's CPUs, GPU and custom resources.
+    assert config.placement_group_config["bundles"] == [{"CPU": 2.5, "GPU": 1, "node_a": 1}] * 2
+    # engine_args override what the fields derive.
+    override = dataclasses.replace(engine, engine_args={"max_model_len": 444})
+    assert llm.processor_config("/models/m", override).engine_kwargs["max_model_len"] == 444

@@ -79,6 +79,8 @@ def test_int_is_accepted_where_a_float_is_expected():
         # when the reviser is a vLLM model.
         (["cluster.use_gpu=true", "serve.engine.gpus_per_engine=1"],
          "clair.engine.gpus_per_engine: is 0, but cluster.use_gpu is true: vLLM's CUDA build cannot run"),
+        (["clair.judge=llm"], "clair.judge: the judge is clair.reviser.backend (here 'verifier': the verifier, "
+                              "or a model with backend vllm or openai); remove clair.judge and set clair.reviser"),
         (["cluster.use_gpu=true", "clair.engine.gpus_per_engine=0.5"],
          "serve.engine.gpus_per_engine: is 0, but cluster.use_gpu is true"),
         (["cluster.use_gpu=true", "clair.engine.gpus_per_engine=1", "serve.engine.gpus_per_engine=1",

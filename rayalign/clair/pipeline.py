@@ -71,6 +71,7 @@ def run_clair(config: RunConfig, limit: int | None = None, dry_run: bool = False
     # The unit of output is one pair attempt; in judge mode that is a prompt (two samples).
     outcome_id = (lambda u: u["prompt_id"]) if judged else (lambda u: u["unit_id"])
     pending = [u for u in units if outcome_id(u) not in done]
+    limit = c.limit if limit is None else limit  # --limit overrides clair.limit
     if limit is not None:
         keep = list(dict.fromkeys(outcome_id(u) for u in pending))[:limit]
         pending = [u for u in pending if outcome_id(u) in set(keep)]

@@ -32,7 +32,7 @@ def prompt_of(row: dict):
 def target_request(sampling: SamplingConfig):
     def request(row: dict) -> dict:
         return {"messages": prompt_messages({"prompt": prompt_of(row)}), "temperature": sampling.temperature,
-                "max_tokens": sampling.max_tokens, "seed": row["seed"], "schema": None}
+                "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "seed": row["seed"], "schema": None}
     return request
 
 
