@@ -172,7 +172,10 @@ class ClairConfig:
     # Refused when set: the judge of the judged modes is the reviser (clair.reviser.backend).
     judge: str | None = None
     format: Literal["jsonl", "parquet"] = "jsonl"
-    rows_per_shard: int = 10_000
+    # A shard of pairs and rejects is committed when rows_per_shard finished units wait, or
+    # commit_seconds after the last one, whichever comes first: a crash loses at most that window.
+    rows_per_shard: int = 200
+    commit_seconds: float = 60.0
     limit: int | None = None
     max_total_tokens: int | None = None
 
@@ -181,6 +184,7 @@ class ClairConfig:
         self.engine.validate(f"{key}.engine")
         self.reviser.validate(f"{key}.reviser")
         _check(self.rows_per_shard >= 1, f"{key}.rows_per_shard", "must be at least 1")
+        _check(self.commit_seconds > 0, f"{key}.commit_seconds", "must be positive")
         _check(self.limit is None or self.limit >= 1, f"{key}.limit", "must be at least 1")
         _check(
             self.max_total_tokens is None or self.max_total_tokens >= 1,

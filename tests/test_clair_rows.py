@@ -100,9 +100,9 @@ def test_requests_skip_rows_that_already_failed():
     request = stages.revision_request(reviser)(unit())
     assert request["schema"]["properties"]["revision"] == {"type": "string", "maxLength": 40}
     assert "# Student answer\n0 7 1 8" in request["messages"][0]["content"]
-    target = stages.target_request(SamplingConfig(max_tokens=12, temperature=0.5))(unit(prompt="hi"))
-    assert target == {"messages": [{"role": "user", "content": "hi"}], "temperature": 0.5, "max_tokens": 12,
-                      "seed": 1, "schema": None}
+    target = stages.target_request(SamplingConfig(max_tokens=12, temperature=0.5, top_p=0.9))(unit(prompt="hi"))
+    assert target == {"messages": [{"role": "user", "content": "hi"}], "temperature": 0.5, "top_p": 0.9,
+                      "max_tokens": 12, "seed": 1, "schema": None}
 
 
 def test_bounded_schema_leaves_enums_alone():
@@ -163,3 +163,27 @@ def test_conversational_prompts_give_conversational_pairs(tmp_path):
     pair = outcomes.pair_row(row, row["chosen"], row["rejected"], "clair", "verifier")
     assert pair["prompt"] == [{"role": "user", "content": "add: 1 + 2"}]
     assert pair["chosen"] == [{"role": "assistant", "content": "0 7 1 9"}]
+
+
+def test_shards_are_committed_by_count_or_by_time_whichever_comes_first(tmp_path):
+    """A crash loses at most one commit window: a shard as soon as rows_per_shard units wait, and
+    whatever waits once the interval has passed since the last shard."""
+    now = [0.0]
+
+    def arriving(batches):
+        for seconds, ids in batches:  # each batch arrives `seconds` after the previous one
+            now[0] += seconds
+            rows = [{**stages.verifier_revise(unit(uid=i), None), "raw": ""} for i in ids]
+            yield batch_of(rows)
+
+    writer = outcomes.ShardWriter(str(tmp_path), "jsonl", source="clair", reviser="verifier")
+    batches = [(1, ["a", "b"]), (1, ["c", "d", "e"]),  # 5 waiting: a shard of 3, 2 left
+               (1, ["f"]),                            # 3 waiting: a shard of 3 (at t=3)
+               (5, ["g"]), (56, ["h"]),               # 2 waiting, 61 s after the last shard: committed
+               (1, ["i"])]                            # the rest at the end
+    counts = outcomes.commit_stream(arriving(batches), writer, rows_per_shard=3, seconds=60, clock=lambda: now[0])
+    assert [c["pairs"] for c in counts] == [3, 3, 2, 1]
+    shards = [sorted(json.loads(line)["id"] for line in f.read_text().splitlines())
+              for f in (tmp_path / "pairs").iterdir()]
+    assert sorted(shards) == [["a", "b", "c"], ["d", "e", "f"], ["g", "h"], ["i"]]
+    assert outcomes.completed_ids(tmp_path) == set("abcdefghi")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 from rayalign import records
 from rayalign.clair.contrast import contrast
@@ -108,8 +110,10 @@ class ShardWriter:
         self.out_dir, self.fmt, self.source, self.reviser = Path(out_dir), fmt, source, reviser
 
     def __call__(self, batch: dict) -> dict:
-        columns = {k: (v.tolist() if hasattr(v, "tolist") else list(v)) for k, v in batch.items()}
-        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        return {key: [value] for key, value in self.write(batch_rows(batch)).items()}
+
+    def write(self, rows: list[dict]) -> dict:
+        """Write `rows` as one shard of pairs and one of rejects; the counts of what was written."""
         pairs, rejects, deferred = [], [], 0
         for row in rows:
             if row["outcome"] == "pair":
@@ -124,5 +128,31 @@ class ShardWriter:
                 records.write_shard(items, self.out_dir / kind / f"part-{name}.{self.fmt}")
         generated = sum(int(r.get("answer_tokens") or 0) for r in rows)
         revised = sum(int(r.get("reviser_tokens") or 0) for r in rows)
-        return {"pairs": [len(pairs)], "rejects": [len(rejects)], "deferred": [deferred],
-                "generated_tokens": [generated], "reviser_tokens": [revised]}
+        return {"pairs": len(pairs), "rejects": len(rejects), "deferred": deferred,
+                "generated_tokens": generated, "reviser_tokens": revised}
+
+
+def batch_rows(batch: dict) -> list[dict]:
+    """A Ray Data batch (columns, numpy or lists) as rows of plain Python values."""
+    columns = {k: (v.tolist() if hasattr(v, "tolist") else list(v)) for k, v in batch.items()}
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def commit_stream(batches: Iterable[dict], writer: ShardWriter, rows_per_shard: int, seconds: float,
+                  clock: Callable[[], float] = time.monotonic) -> list[dict]:
+    """Write the rows of `batches` (as they arrive from the running pipeline) in shards: one as
+    soon as `rows_per_shard` rows are waiting, and whatever is waiting once `seconds` have passed
+    since the last shard. A crash therefore loses at most that window of finished units (and the
+    units still in flight); a rerun sends only those again. Returns each shard's counts."""
+    counts, waiting, last = [], [], clock()
+    for batch in batches:
+        waiting.extend(batch_rows(batch))
+        while len(waiting) >= rows_per_shard:
+            counts.append(writer.write(waiting[:rows_per_shard]))
+            waiting, last = waiting[rows_per_shard:], clock()
+        if waiting and clock() - last >= seconds:
+            counts.append(writer.write(waiting))
+            waiting, last = [], clock()
+    if waiting:
+        counts.append(writer.write(waiting))
+    return counts

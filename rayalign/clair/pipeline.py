@@ -21,7 +21,7 @@ from pathlib import Path
 from rayalign import records
 from rayalign.clair import stages
 from rayalign.clair.contrast import describe
-from rayalign.clair.outcomes import REASONS, ShardWriter, completed_ids, make_units
+from rayalign.clair.outcomes import REASONS, ShardWriter, commit_stream, completed_ids, make_units
 from rayalign.clair.revision import judge_request, revision_request
 from rayalign.config import ConfigError, RunConfig
 
@@ -84,14 +84,16 @@ def run_clair(config: RunConfig, limit: int | None = None, dry_run: bool = False
     started = time.perf_counter()
     counts = []
     if pending:
-        counts = stream(config, pending, out).take_all()
+        counts = stream(config, pending, out)
     elapsed = time.perf_counter() - started
     summary = summarize(config, out, counts, elapsed)
     print_summary(summary)
     return summary
 
 
-def stream(config: RunConfig, pending: list[dict], out: Path):
+def stream(config: RunConfig, pending: list[dict], out: Path) -> list[dict]:
+    """Run the pending units through generation and revision; this process writes the shards as
+    rows arrive (clair.rows_per_shard, clair.commit_seconds) and returns their counts."""
     from rayalign.cluster import connect
     from rayalign.llm import chat_stage
 
@@ -105,7 +107,8 @@ def stream(config: RunConfig, pending: list[dict], out: Path):
         ds = ds.groupby("prompt_id").map_groups(_two_samples)
     ds = revise(config, ds)
     writer = ShardWriter(str(out), c.format, source=c.mode, reviser=reviser_name(config))
-    return ds.map_batches(writer, batch_size=c.rows_per_shard, batch_format="default")
+    return commit_stream(ds.iter_batches(batch_size=None, batch_format="default"), writer, c.rows_per_shard,
+                         c.commit_seconds)
 
 
 def revise(config: RunConfig, ds):
