@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from rayalign.config import ConfigError, dump_config, load_config
@@ -290,8 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.serve import ServeError
     from rayalign.train.run import TrainError
 
+    from rayalign.cluster import stop_ray
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops a command as Ctrl-C does
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"rayalign {args.command}: stopped", file=sys.stderr, flush=True)
+        return 130
     except (ConfigError, DataError, TrainError, ServeError, EvalError, ModelFetchError) as exc:
         print(f"rayalign {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -300,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"rayalign {args.command}: error: {Path(exc.filename)}: not found", file=sys.stderr)
         return 2
+    finally:
+        stop_ray()  # the Ray this command started, and whatever it left
 
 
 if __name__ == "__main__":

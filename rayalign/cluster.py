@@ -13,8 +13,10 @@ import platform
 import random
 import re
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 from pathlib import Path
 
 from rayalign.config import ClusterConfig, ConfigError
@@ -162,7 +164,7 @@ def connect(config: ClusterConfig):
     address = (os.environ.get("RAY_ADDRESS") or config.address) if in_job() else (config.address or
                                                                                   os.environ.get("RAY_ADDRESS"))
     if address:
-        ray.init(address=address, log_to_driver=True)
+        _init(ray, address=address, log_to_driver=True)
         return ray
     # address="local" starts a new local Ray even when a `ray start` cluster runs on this
     # machine: joining one is explicit (cluster.address: auto, or RAY_ADDRESS).
@@ -176,5 +178,59 @@ def connect(config: ClusterConfig):
         kwargs["object_store_memory"] = int(config.object_store_memory_gb * 1024**3)
     if not config.use_gpu:
         kwargs["num_gpus"] = 0
-    ray.init(**kwargs)
+    global _STARTED_HERE
+    _STARTED_HERE = True  # before init: a stop during start-up must clean up what it began
+    _init(ray, **kwargs)
     return ray
+
+
+def _init(ray, **kwargs) -> None:
+    """ray.init, keeping a command's SIGTERM handling (rayalign.cli turns SIGTERM into Ctrl-C),
+    which ray.init replaces with an exit that would skip the command's own stop."""
+    previous = signal.getsignal(signal.SIGTERM)
+    ours = previous is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+    try:
+        ray.init(**kwargs)
+    except SystemExit as exc:  # Ray's handler, on a SIGTERM during start-up
+        if ours and exc.code == signal.SIGTERM:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, previous)
+
+
+_STARTED_HERE = False
+
+
+def started_ray_here() -> bool:
+    return _STARTED_HERE
+
+
+def stop_ray() -> None:
+    """Stop the local Ray this process started (nothing otherwise), and every process it leaves:
+    a replica's vLLM engine processes can outlive their killed parent, reparented to init and
+    deaf to SIGTERM, and an agent of a Ray stopped during start-up can stay behind. Each gets
+    SIGTERM, then SIGKILL after 3 s."""
+    import psutil
+    import ray
+
+    global _STARTED_HERE
+    if not _STARTED_HERE:
+        return
+    _STARTED_HERE = False
+    started = psutil.Process().children(recursive=True)  # before they lose their parents
+    if ray.is_initialized():
+        ray.shutdown()
+    _, alive = psutil.wait_procs(started, timeout=5)
+    for process in alive:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=3)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass

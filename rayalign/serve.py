@@ -278,9 +278,11 @@ def _set_affinity(thread: int, cpus: set[int]) -> None:
 
 
 def _serve_until_stopped(app_name: str, owns_ray: bool) -> None:
-    """Until Ctrl-C or SIGTERM; then remove the application, and stop Ray if this process started it."""
-    import ray
+    """Until Ctrl-C or SIGTERM. Then, on a Ray this process started, stop that Ray with
+    everything in it (in seconds); on a cluster, remove the application, which Serve drains."""
     from ray import serve
+
+    from rayalign.cluster import stop_ray
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on `kill` as on Ctrl-C
@@ -288,13 +290,17 @@ def _serve_until_stopped(app_name: str, owns_ray: bool) -> None:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
-        # Serve keeps a replica reachable while it drains, so that load balancers deregister it.
-        print(f"stopping: removing {app_name!r}; Serve drains its replicas first, "
-              f"which can take half a minute", flush=True)
-    finally:
-        serve.delete(app_name)
         if owns_ray:
-            ray.shutdown()
+            print(f"stopping: {app_name!r} stops with the Ray this command started", flush=True)
+        else:
+            # Serve keeps a replica reachable while it drains, so that load balancers deregister it.
+            print(f"stopping: removing {app_name!r}; Serve drains its replicas first, "
+                  f"which can take half a minute", flush=True)
+    finally:
+        if owns_ray:
+            stop_ray()
+        else:
+            serve.delete(app_name)
 
 
 def serve_status(config: RunConfig) -> dict:
