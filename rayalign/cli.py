@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import signal
 import sys
 import threading
@@ -176,7 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="CLAIR preference pairs and APO training on Ray (Ray Data + vLLM, Ray Train + "
         "DeepSpeed, Ray Serve).",
     )
+    verbose_help = "show the logs of Ray, vLLM, DeepSpeed and transformers live (they go to Ray's log folder anyway)"
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, parents=[common])  # --verbose after the command too
 
     p = sub.add_parser("init-model", help="create a tiny random-weight Llama model locally, or write a real "
                                           "pretrained one (SmolLM2-135M-Instruct, or a GGUF file you have)")
@@ -292,8 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.serve import ServeError
     from rayalign.train.run import TrainError
 
-    from rayalign.cluster import stop_ray
+    from rayalign.cluster import logs_dir, stop_ray
+    from rayalign.console import VERBOSE, quiet_libraries, verbose
 
+    if args.verbose:
+        os.environ[VERBOSE] = "1"
+    quiet_libraries()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops a command as Ctrl-C does
     try:
@@ -303,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ConfigError, DataError, TrainError, ServeError, EvalError, ModelFetchError) as exc:
         print(f"rayalign {args.command}: error: {exc}", file=sys.stderr)
+        if isinstance(exc, (TrainError, ServeError, EvalError)) and not verbose():
+            folder = logs_dir()  # where the workers' and engines' own errors are
+            if folder:
+                print(f"rayalign {args.command}: the logs of Ray, vLLM and DeepSpeed are in {folder}",
+                      file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
         if exc.filename is None:

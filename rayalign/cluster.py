@@ -8,6 +8,7 @@ local Ray with the configured logical CPUs and object store.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import platform
 import random
@@ -152,25 +153,58 @@ def haproxy_env() -> dict[str, str]:
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
 
 
-def connect(config: ClusterConfig):
-    """Initialise Ray once per process and return the `ray` module."""
+def connect(config: ClusterConfig, run_dir: str | Path | None = None):
+    """Initialise Ray once per process and return the `ray` module. With a run directory,
+    `<run_dir>/logs` becomes a link to the Ray log folder (on this machine), and the first
+    connection names it on the console."""
     import ray
 
-    if ray.is_initialized():
-        return ray
+    first = not ray.is_initialized()
+    if first:
+        _connect(ray, config)
+    folder = logs_dir()
+    linked = _link_logs(Path(run_dir), folder) if run_dir and folder else None
+    if first and folder:
+        from rayalign.console import verbose
+
+        where = f"{linked} (a link to {folder})" if linked else folder
+        print(f"rayalign: the logs of Ray, vLLM and DeepSpeed are in {where}"
+              f"{'' if verbose() else ' (--verbose shows them here)'}", flush=True)
+    return ray
+
+
+def _link_logs(run_dir: Path, folder: str) -> Path | None:
+    """`<run_dir>/logs` -> the Ray log folder; a real folder of that name is left alone."""
+    link = run_dir.resolve() / "logs"
+    try:
+        if link.is_symlink():
+            link.unlink()
+        elif link.exists():
+            return None
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(folder, target_is_directory=True)
+    except OSError:
+        return None
+    return link
+
+
+def _connect(ray, config: ClusterConfig) -> None:
     # Quiet, and no per-task progress noise from inside libraries; Ray Data's bars stay.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # Inside a Ray Job the job's own cluster is the truth; elsewhere the config names it.
     address = (os.environ.get("RAY_ADDRESS") or config.address) if in_job() else (config.address or
                                                                                   os.environ.get("RAY_ADDRESS"))
+    from rayalign.console import verbose
+
     if address:
-        _init(ray, address=address, log_to_driver=True)
-        return ray
+        # A Ray Job's log is where its user reads the workers' logs; elsewhere they stay in files.
+        _init(ray, address=address, log_to_driver=verbose())
+        return
     # address="local" starts a new local Ray even when a `ray start` cluster runs on this
     # machine: joining one is explicit (cluster.address: auto, or RAY_ADDRESS).
     # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner asks every
     # second; without it each question fails with a logged warning for the whole training.
-    kwargs = {"address": "local", "include_dashboard": True}
+    kwargs = {"address": "local", "include_dashboard": True, "log_to_driver": verbose()}
     os.environ.update(haproxy_env())  # Ray's processes inherit this process's environment
     if config.num_cpus is not None:
         kwargs["num_cpus"] = config.num_cpus
@@ -181,7 +215,6 @@ def connect(config: ClusterConfig):
     global _STARTED_HERE
     _STARTED_HERE = True  # before init: a stop during start-up must clean up what it began
     _init(ray, **kwargs)
-    return ray
 
 
 def _init(ray, **kwargs) -> None:
@@ -189,8 +222,10 @@ def _init(ray, **kwargs) -> None:
     which ray.init replaces with an exit that would skip the command's own stop."""
     previous = signal.getsignal(signal.SIGTERM)
     ours = previous is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+    from rayalign.console import quiet_ray_console, verbose
+
     try:
-        ray.init(**kwargs)
+        ray.init(**kwargs, **({} if verbose() else {"logging_level": logging.ERROR}))
     except SystemExit as exc:  # Ray's handler, on a SIGTERM during start-up
         if ours and exc.code == signal.SIGTERM:
             raise KeyboardInterrupt from None
@@ -198,6 +233,23 @@ def _init(ray, **kwargs) -> None:
     finally:
         if ours:
             signal.signal(signal.SIGTERM, previous)
+    if not verbose():
+        # Ray Data logs its progress every 10 s when the output is not a terminal; the stages
+        # print their own progress lines.
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+        quiet_ray_console()
+
+
+def logs_dir() -> str | None:
+    """The log folder of the Ray this process started or joined (on this machine), if known."""
+    import ray
+
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()  # not public; only for messages
+    except AttributeError:
+        return None
 
 
 _STARTED_HERE = False

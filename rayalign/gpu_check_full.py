@@ -132,7 +132,7 @@ def _stages(config, run: Path, cpu: bool, out) -> None:
     from rayalign.cluster import connect
     from rayalign.train.run import run_reference, run_train
 
-    connect(config.cluster)
+    connect(config.cluster, config.run_dir)
     with PeakGpuMemory(not cpu) as memory:
         t0 = time.perf_counter()
         clair = run_clair(config)

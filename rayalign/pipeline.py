@@ -123,7 +123,7 @@ def serve_and_evaluate(config: RunConfig) -> dict:
         return json.loads(done.read_text())
     # The deployment lives as long as this process's Ray: start or join it here, since every
     # earlier stage may have been cached and never needed Ray.
-    connect(config.cluster)
+    connect(config.cluster, config.run_dir)
     serve_models(config, config.serve.models, detach=True)
     try:
         results = run_eval(config)

@@ -186,11 +186,13 @@ def serve_models(config: RunConfig, models: dict[str, str], detach: bool) -> dic
     from ray.serve.llm import build_openai_app
 
     from rayalign.cluster import connect
+    from rayalign.console import quiet_ray_console
 
+    quiet_ray_console()  # Serve's console handler, added when ray.serve is imported
     build = build_app if builder(args) == ONE_MODEL_BUILDER else build_openai_app
     owns_ray = not address and not ray.is_initialized()
     with _ray_kept_off_engine_cpus(serve_cfg, owns_ray) as cpus:
-        connect(config.cluster)
+        connect(config.cluster, config.run_dir)
         started = time.perf_counter()
         serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
         _run_with_timeout(serve, build(args), serve_cfg)
@@ -318,11 +320,13 @@ def serve_status(config: RunConfig) -> dict:
 
 def serve_shutdown(config: RunConfig) -> None:
     """Remove the application; stop Serve too when no other application is left on it."""
+    from rayalign.cluster import started_ray_here
+
     serve = _connect_existing(config, "shutdown")
     if config.serve.app_name in serve.status().applications:
         serve.delete(config.serve.app_name)
-    if not serve.status().applications:
-        serve.shutdown()
+    if not serve.status().applications and not started_ray_here():
+        serve.shutdown()  # a Ray this process started stops whole at the end of the command
 
 
 def _name(value) -> str:

@@ -105,9 +105,11 @@ def _teach(out: Path, steps: int, lr: float, batch_size: int, seed: int, log_eve
                 accuracy = _accuracy(model.eval(), tokenizer, check_rows)
                 model.train()
             shown = f"  accuracy {accuracy:.1%}" if accuracy is not None else ""
-            print(f"  student seed {seed} step {step}/{steps}  loss {loss.item():.3f}{shown}  "
-                  f"{time.perf_counter() - started:.0f}s", flush=True)
-            if accuracy is not None and accuracy >= target_accuracy:
+            reached = accuracy is not None and accuracy >= target_accuracy
+            if step % (5 * log_every) == 0 or step == steps or reached:  # a line every 5 checks
+                print(f"  student seed {seed} step {step}/{steps}  loss {loss.item():.3f}{shown}  "
+                      f"{time.perf_counter() - started:.0f}s", flush=True)
+            if reached:
                 break
     model.save_pretrained(out)
     return step, accuracy

@@ -1,5 +1,6 @@
 """`rayalign pipeline` end to end on the tiny student: stopped in the middle, then resubmitted,
-it finishes without redoing the stages it had completed.
+it finishes without redoing the stages it had completed, and its console shows its own progress,
+not the libraries' logs.
 
 Its Serve application takes the route prefix "/" on the session's Ray, as the shared deployment
 of test_serve.py and test_eval.py does. The two never meet, in whatever order the modules run: the
@@ -8,6 +9,7 @@ user, those two modules running one after the other (tests/conftest.py, SHARED_E
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -46,6 +48,18 @@ def write_config(tmp_path, student, ray_session):
     return path
 
 
+def assert_quiet(console: str) -> None:
+    """A command's console is for people: its own lines, not the libraries' logs, which stay in
+    the Ray log folder it names."""
+    lines = console.splitlines()
+    assert any(line.startswith("rayalign: the logs of Ray, vLLM and DeepSpeed are in /") for line in lines), console
+    assert "Traceback" not in console
+    chatter = [line for line in lines if re.search(r"\b(INFO|DEBUG)\b|Deployment Options|Triton|streaming_executor",
+                                                     line)]
+    assert not chatter, chatter
+    assert len(lines) <= 60, console
+
+
 def test_pipeline_resumes_after_a_stop(tmp_path, student, ray_session):
     from rayalign.config import load_config
 
@@ -70,7 +84,16 @@ def test_pipeline_resumes_after_a_stop(tmp_path, student, ray_session):
     assert shards and len(reference) == 1
     reference_mtime = (reference[0] / "pairs.parquet").stat().st_mtime_ns
 
-    result = run_pipeline(load_config(path))
+    assert_quiet(log.read_text())  # CLAIR, the reference pass and training's start
+
+    resumed = subprocess.run([PYTHON, "-m", "rayalign.cli", "pipeline", "--config", str(path)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert_quiet(resumed.stdout + resumed.stderr)  # training, serving and the evaluation
+    # The logs it kept off the console are in the run directory (a link to the Ray log folder).
+    assert (run / "logs").is_symlink() and (run / "logs" / "gcs_server.out").exists()
+    assert f"are in {run / 'logs'} (a link to /" in resumed.stdout
+    result = json.loads(manifest.read_text())
     stages = result["stages"]
     assert list(stages) == ["clair", "reference", "train", "serve+eval"]
     assert stages["clair"]["pairs"] > 0

@@ -98,7 +98,7 @@ def stream(config: RunConfig, pending: list[dict], out: Path) -> list[dict]:
     from rayalign.llm import chat_stage
 
     c = config.clair
-    ray = connect(config.cluster)
+    ray = connect(config.cluster, config.run_dir)
     ds = ray.data.from_items(pending)
     generate = chat_stage(c.target_model, c.engine, stages.target_request(c.sampling), "answer",
                           _eos_token_id(c.target_model))
@@ -107,8 +107,22 @@ def stream(config: RunConfig, pending: list[dict], out: Path) -> list[dict]:
         ds = ds.groupby("prompt_id").map_groups(_two_samples)
     ds = revise(config, ds)
     writer = ShardWriter(str(out), c.format, source=c.mode, reviser=reviser_name(config))
-    return commit_stream(ds.iter_batches(batch_size=None, batch_format="default"), writer, c.rows_per_shard,
-                         c.commit_seconds)
+    total = len({u["prompt_id"] if c.mode == "onpolicy_judge" else u["unit_id"] for u in pending})
+    batches = _progress(ds.iter_batches(batch_size=None, batch_format="default"), total)
+    return commit_stream(batches, writer, c.rows_per_shard, c.commit_seconds)
+
+
+def _progress(batches, total: int, every: float = 30.0):
+    """The batches as they come, with a console line every `every` seconds: units done and rate."""
+    done, started = 0, time.monotonic()
+    last = started
+    for batch in batches:
+        done += len(next(iter(batch.values()), []))
+        now = time.monotonic()
+        if now - last >= every and done < total:
+            print(f"rayalign clair: {done}/{total} units done ({done / (now - started):.1f} a second)", flush=True)
+            last = now
+        yield batch
 
 
 def revise(config: RunConfig, ds):

@@ -123,7 +123,7 @@ def _judged_rows(config: RunConfig, units: list[dict]) -> list[dict]:
 
     clair = config.clair
     greedy = dataclasses.replace(clair.sampling, temperature=0.0, n=1)
-    ray = connect(config.cluster)
+    ray = connect(config.cluster, config.run_dir)
     ds = ray.data.from_items(units)
     generate = chat_stage(config.train.model, clair.engine, stages.target_request(greedy), "answer",
                           _eos_token_id(config.train.model))

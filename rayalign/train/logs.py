@@ -9,7 +9,10 @@ a failure appear once.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+import threading
 from pathlib import Path
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -72,3 +75,56 @@ def plot_curves(metrics: list[dict], path: Path) -> None:
             ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+CONSOLE = "console.log"
+
+
+def say(out_dir: Path, text: str) -> None:
+    """A progress line of rank 0: on its stdout (Ray's worker log, and the console with
+    --verbose) and appended to `console.log`, which the driver follows (`follow`)."""
+    line = f"rayalign train: {text}\n"
+    # Not print(): Ray Train patches print to log as well, which shows every line twice.
+    sys.stdout.write(line)
+    sys.stdout.flush()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / CONSOLE, "a", encoding="utf-8") as f:
+        f.write(line)
+
+
+def show_step(step: int, total: int) -> bool:
+    """Which steps get a console line: the first, the last and about every tenth."""
+    return step in (1, total) or step % max(1, total // 10) == 0
+
+
+@contextlib.contextmanager
+def follow(out_dir: Path, echo=print, every: float = 0.5):
+    """While the block runs, echo the lines rank 0 appends to `console.log` (from its end now)."""
+    path = out_dir / CONSOLE
+    start = path.stat().st_size if path.exists() else 0
+    stop = threading.Event()
+
+    def read_new() -> None:
+        nonlocal start
+        if not path.exists():
+            return
+        with open(path, encoding="utf-8") as f:
+            f.seek(start)
+            text = f.read()
+        complete = text[:text.rfind("\n") + 1]
+        start += len(complete.encode("utf-8"))
+        for line in complete.splitlines():
+            echo(line)
+
+    def loop() -> None:
+        while not stop.wait(every):
+            read_new()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        read_new()

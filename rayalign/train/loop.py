@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from rayalign.train.engine import build_engine, export_hf, load_reference, load_state, save_state
-    from rayalign.train.logs import RunLog
+    from rayalign.train.logs import RunLog, say, show_step
 
     train, schedule, precision = config["train"], config["schedule"], config["precision"]
     output, pad_id = Path(config["output"]), config["pad_id"]
@@ -61,7 +60,7 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as directory:
             load_state(engine, Path(directory), rank)
         if rank == 0:
-            _say(f"resumed from step {state['step']} of {schedule.total_steps}")
+            say(output, f"resumed from step {state['step']} of {schedule.total_steps}")
     log = RunLog(output, state["metrics"], state["steps"]) if rank == 0 else None
     started = time.perf_counter()
 
@@ -83,8 +82,9 @@ def train_loop_per_worker(config: dict) -> None:
         state["step"] = step + 1
         if log is not None:
             log.add(metrics, record)
-            _say(f"step {step + 1}/{schedule.total_steps}  loss {metrics['loss']:.4f}  "
-                 f"margin {metrics['rewards/margins']:+.4f}  {metrics['pairs/s']:.1f} pairs/s")
+            if show_step(step + 1, schedule.total_steps):
+                say(output, f"step {step + 1}/{schedule.total_steps}  loss {metrics['loss']:.4f}  "
+                            f"margin {metrics['rewards/margins']:+.4f}  {metrics['pairs/s']:.1f} pairs/s")
         if step + 1 == schedule.total_steps:
             break
         if (step + 1) % train.checkpoint_every == 0:
@@ -176,12 +176,6 @@ def _micro_batch_loss(engine, reference, batch: list[dict], train, pad_id: int):
     row = [torch.as_tensor(metrics[k]).detach().to(device, torch.float64).reshape(()) for k in _MEANS]
     row.append(torch.tensor(float(policy["tokens"]), dtype=torch.float64, device=device))
     return loss, torch.stack(row)
-
-
-def _say(text: str) -> None:
-    # Not print(): Ray Train patches print to log as well, which shows every line twice.
-    sys.stdout.write(f"rayalign train: {text}\n")
-    sys.stdout.flush()
 
 
 def _reportable(metrics: dict) -> dict:

@@ -192,8 +192,11 @@ def pad_id(tokenizer) -> int:
 def reference_pass(table, config: RunConfig, precision: str, pad: int):
     """Ray Data map_batches of ReferenceLogps; returns (chosen, rejected) log-probs in row order."""
     import numpy as np
-    import ray
+    import ray.data
 
+    from rayalign.cluster import connect
+
+    connect(config.cluster, config.run_dir)  # not Ray Data's own ray.init, which ignores cluster.*
     ref = config.reference
     ds = ray.data.from_arrow(table.select(["index", "prompt_ids", "chosen_ids", "rejected_ids"]))
     ds = ds.map_batches(

@@ -13,6 +13,7 @@ a changed config starts afresh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -54,7 +55,8 @@ def run_train(config: RunConfig) -> dict:
     from transformers import AutoTokenizer
 
     from rayalign.train.data import Schedule
-    from rayalign.train.logs import plot_curves, write_history
+    from rayalign.console import verbose
+    from rayalign.train.logs import follow, plot_curves, write_history
     from rayalign.train.loop import train_loop_per_worker
     from rayalign.train.auto import resolve_loss
     from rayalign.train.reference import pad_id, prepare_pairs
@@ -102,7 +104,9 @@ def run_train(config: RunConfig) -> dict:
           f"ZeRO-{train.zero_stage}, {precision}")
     events.record("fit", output=str(output), workers=train.num_workers)
     try:
-        result = trainer.fit()
+        # Rank 0's progress lines, from its console.log: the workers' own output stays in Ray's logs.
+        with contextlib.nullcontext() if verbose() else follow(output, lambda line: print(line, flush=True)):
+            result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise TrainError(f"training failed (after up to train.max_failures={train.max_failures} restarts): "
                          f"{exc}") from exc
@@ -177,7 +181,7 @@ def detect_precision(config: RunConfig) -> str:
     from rayalign.cluster import connect
     from rayalign.train.engine import resolve_precision
 
-    ray = connect(config.cluster)
+    ray = connect(config.cluster, config.run_dir)
     if config.train.precision != "auto":
         return config.train.precision
     use_gpu = config.cluster.use_gpu

@@ -1,0 +1,118 @@
+"""The console is for people: library logs stay off it unless asked for, and training's progress
+lines reach the driver through the file rank 0 appends to."""
+
+import logging
+import os
+import subprocess
+import threading
+import time
+
+from rayalign.cluster import _link_logs
+from rayalign.console import quiet_ray_console, verbose
+from rayalign.train.logs import CONSOLE, follow, say, show_step
+from tests.conftest import PYTHON, ROOT
+
+LIBRARIES = """
+import logging
+from rayalign.console import quiet_libraries
+quiet_libraries()
+from vllm.logger import init_logger
+from ray.llm._internal.common.observability.logging import get_logger
+init_logger("vllm.rayalign_test").warning("vllm-warning")
+init_logger("vllm.rayalign_test").error("vllm-error")
+get_logger("rayalign_test").info("ray-llm-info")
+logging.getLogger("DeepSpeed").addHandler(logging.StreamHandler())
+logging.getLogger("DeepSpeed").warning("deepspeed-warning")
+"""
+
+
+def run_libraries(**env):
+    environ = {k: v for k, v in os.environ.items() if k not in ("RAYALIGN_VERBOSE", "VLLM_LOGGING_LEVEL")}
+    done = subprocess.run([PYTHON, "-c", LIBRARIES], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**environ, **env})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_library_logs_stay_off_the_console_unless_verbose():
+    quiet = run_libraries()
+    assert "vllm-error" in quiet
+    for line in ("vllm-warning", "ray-llm-info", "deepspeed-warning"):
+        assert line not in quiet
+    loud = run_libraries(RAYALIGN_VERBOSE="1")
+    for line in ("vllm-warning", "vllm-error", "ray-llm-info", "deepspeed-warning"):
+        assert line in loud
+
+
+def test_verbose_inside_a_ray_job(monkeypatch):
+    monkeypatch.delenv("RAYALIGN_VERBOSE", raising=False)
+    monkeypatch.delenv("RAY_JOB_ID", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert not verbose()
+    monkeypatch.setenv("RAY_JOB_ID", "02000000")
+    assert verbose()
+
+
+def test_ray_console_handlers_keep_errors_and_ray_datas_file_keeps_all(monkeypatch):
+    """ray.init sets the `ray` logger's level again each time it is called, so the handlers are
+    what is quieted; Ray Data's own log file handler keeps its level."""
+    import ray.data  # noqa: F401  (adds Ray Data's handlers)
+
+    monkeypatch.delenv("RAYALIGN_VERBOSE", raising=False)
+    data = logging.getLogger("ray.data")
+    levels = {handler: handler.level for name in ("ray", "ray.data") for handler in logging.getLogger(name).handlers}
+    try:
+        quiet_ray_console()
+        consoles = [h for h in data.handlers if isinstance(h, logging.StreamHandler)]
+        files = [h for h in data.handlers if not isinstance(h, logging.StreamHandler)]
+        assert consoles and files
+        assert all(h.level == logging.ERROR for h in consoles)
+        assert all(h.level < logging.INFO for h in files)
+        assert all(h.level == logging.ERROR for h in logging.getLogger("ray").handlers
+                   if isinstance(h, logging.StreamHandler))
+    finally:
+        for handler, level in levels.items():
+            handler.setLevel(level)
+
+
+def test_about_ten_training_steps_reach_the_console():
+    assert [s for s in range(1, 45) if show_step(s, 44)] == [1, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44]
+    assert [s for s in range(1, 4) if show_step(s, 3)] == [1, 2, 3]
+
+
+def test_follow_echoes_the_lines_rank_0_appends(tmp_path):
+    say(tmp_path, "from an earlier run")
+    shown = []
+
+    def rank_0():
+        for step in range(1, 4):
+            say(tmp_path, f"step {step}/3")
+            time.sleep(0.05)
+        with open(tmp_path / CONSOLE, "a") as f:
+            f.write("rayalign train: half a li")  # completed after the block: not shown half
+            f.flush()
+            time.sleep(0.1)
+            f.write("ne\n")
+
+    with follow(tmp_path, echo=shown.append, every=0.02):
+        writer = threading.Thread(target=rank_0)
+        writer.start()
+        writer.join()
+    assert shown == ["rayalign train: step 1/3", "rayalign train: step 2/3", "rayalign train: step 3/3",
+                     "rayalign train: half a line"]
+
+
+def test_the_run_directory_links_to_the_newest_ray_log_folder(tmp_path):
+    first, second = tmp_path / "session_1", tmp_path / "session_2"
+    first.mkdir()
+    second.mkdir()
+    (second / "raylet.out").write_text("from the second session")
+    run = tmp_path / "run"
+    assert _link_logs(run, str(first)) == run / "logs"
+    assert _link_logs(run, str(second)) == run / "logs"
+    assert (run / "logs" / "raylet.out").read_text() == "from the second session"
+    mine = tmp_path / "mine"
+    (mine / "logs").mkdir(parents=True)
+    (mine / "logs" / "notes.txt").write_text("a user's own folder")
+    assert _link_logs(mine, str(second)) is None  # left alone
+    assert (mine / "logs" / "notes.txt").read_text() == "a user's own folder"
