@@ -397,6 +397,20 @@ def output_dir(config: RunConfig) -> Path:
     return Path(config.eval.output or Path(config.run_dir) / "eval")
 
 
+def check_data(config: RunConfig) -> None:
+    """eval.data read as its kind reads it, so a bad row fails before anything is served (a
+    pipeline checks this before its first stage)."""
+    ev = config.eval
+    if ev.data is None:
+        raise ConfigError(f"eval.data: is required for kind {ev.kind!r} (a prompt or benchmark file)")
+    if not Path(ev.data).exists():
+        raise ConfigError(f"eval.data: {ev.data} does not exist")
+    if ev.kind == "choice":
+        load_choice(ev.data)
+    else:
+        records.load_prompts(ev.data)
+
+
 def run_eval(config: RunConfig) -> dict:
     """Evaluate the served models; writes results and examples under eval.output and returns
     the results."""

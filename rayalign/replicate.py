@@ -75,7 +75,8 @@ def load(raw: dict, path: Path):
 def run_replicate(run_dir: str | Path, seeds=SEEDS, sets=tuple(SETS), losses=LOSSES,
                   overrides: dict | None = None) -> dict:
     from rayalign.clair.pipeline import run_clair
-    from rayalign.pipeline import _guard_stage_config, evaluation_config, fingerprint, serve_and_evaluate
+    from rayalign.pipeline import evaluation_config, serve_and_evaluate
+    from rayalign.stage import fingerprint
     from rayalign.student import train_student
     from rayalign.train.run import run_train
 
@@ -103,8 +104,6 @@ def run_replicate(run_dir: str | Path, seeds=SEEDS, sets=tuple(SETS), losses=LOS
         for index, set_name in enumerate(sets):
             raw = cell_config(run, seed_dir, student, set_name, None, overrides)
             config = load(raw, seed_dir / "configs" / f"{set_name}.yaml")
-            # Pairs made by other settings in the same directory are refused, not mixed.
-            _guard_stage_config(Path(config.clair.output), config.clair)
             print(f"rayalign replicate: seed {seed}: {SET_TITLES[set_name]} pairs", flush=True)
             pairs = run_clair(config)
             models = {"base": str(student)} if index == 0 else {}
@@ -172,9 +171,9 @@ def _collect(cells: list[dict], seed_info: dict, seed: int, set_name: str, evalu
 
 
 def _stamp(path: Path) -> str:
-    from rayalign.pipeline import _model_fingerprint
+    from rayalign.stage import tree_digest
 
-    return _model_fingerprint(str(path))
+    return tree_digest(path)
 
 
 def mean_interval(values: list[float]) -> tuple[float, float | None]:

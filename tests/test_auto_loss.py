@@ -2,6 +2,8 @@
 policy beats the winners, measured with the real policy on vLLM and the configured judge."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -52,6 +54,12 @@ def test_correct_winners_choose_apo_zero(tmp_path, student, ray_session):
     # resolve_loss puts the choice into the train config; the saved evidence is reused.
     resolved = resolve_loss(config)
     assert resolved.train.loss == "apo_zero"
+    # The model and the pairs count by content: touched or copied, they are the same inputs.
+    stamp = (tmp_path / "run" / "train" / CHOICE_FILE).stat().st_mtime_ns
+    for path in [*Path(config.train.pairs).rglob("*"), *Path(config.train.model).rglob("*")]:
+        os.utime(path)
+    assert resolve_loss(config).train.loss == "apo_zero"
+    assert (tmp_path / "run" / "train" / CHOICE_FILE).stat().st_mtime_ns == stamp
 
 
 @pytest.mark.integration

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -12,7 +13,7 @@ import yaml
 from rayalign import records
 from rayalign.clair import contrast, verifier
 from rayalign.clair.pipeline import run_clair
-from rayalign.config import load_config
+from rayalign.config import ConfigError, load_config
 from rayalign.tasks import addition_prompts
 from tests.conftest import PYTHON, ROOT, SERVER_KEY
 from tests.fault_proxy import FaultProxy
@@ -107,6 +108,25 @@ def test_verifier_pairs_exactly_once_after_a_kill(tmp_path, student, ray_session
     files = sorted(p.name for p in out.rglob("part-*"))
     again = run_clair(config)
     assert again["this_run"]["pairs"] == again["this_run"]["rejects"] == 0
+    assert sorted(p.name for p in out.rglob("part-*")) == files
+
+    # Into the same output, other settings that shape the pairs are refused by key, before Ray is
+    # touched and even in a dry run; a dry run with the same settings records nothing.
+    record = (out / "stage.json").read_text()
+    assert json.loads(record)["clair.sampling.temperature"] == 1.0
+    for dry_run in (True, False):
+        with pytest.raises(ConfigError, match=r"other settings: clair.sampling.temperature \(1.0 -> 0.5\)\. "):
+            run_clair(load_config(path, ["clair.sampling.temperature=0.5"]), dry_run=dry_run)
+    assert (out / "stage.json").read_text() == record
+    # Settings that only pace the run may change.
+    assert run_clair(load_config(path, ["clair.commit_seconds=5"]), dry_run=True)["units"] == 0
+    # A prompt whose pairs are done may not change under its id.
+    changed = [dict(p, prompt="add: 1 2 3 4 + 4 3 2 1") if p["id"] == prompts[3]["id"] else p for p in prompts]
+    shutil.rmtree(tmp_path / "prompts")
+    records.write_rows(changed, tmp_path / "prompts", "jsonl")
+    with pytest.raises(ConfigError, match=f"clair.prompts: the prompt or reference under id '{prompts[3]['id']}' "
+                                          "differs from the one its pairs in .* were made from"):
+        run_clair(config)
     assert sorted(p.name for p in out.rglob("part-*")) == files
 
 

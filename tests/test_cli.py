@@ -107,3 +107,29 @@ def test_demo_offers_the_student_and_the_real_model(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--model", "gpt-9"])
     assert "invalid choice: 'gpt-9'" in capsys.readouterr().err
+
+
+def test_pipeline_checks_every_stage_before_the_first(tmp_path, tiny_model, capsys):
+    from rayalign import records
+    from rayalign.tasks import addition_prompts
+
+    records.write_rows(addition_prompts(4, seed=1), tmp_path / "prompts", "jsonl")
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text('{"id": "e1", "prompt": "add: 1 + 2", "reference": "3"}\n{"id": "e2", "prompt": ""}\n')
+    run = tmp_path / "run"
+    args = ["pipeline", f"run_dir={run}", f"clair.prompts={tmp_path / 'prompts'}",
+            f"clair.target_model={tiny_model}", f"eval.data={held_out}"]
+    # A bad evaluation row fails before CLAIR starts, not after training.
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"rayalign pipeline: error: 1 bad row in {held_out}\n" in err and f"{held_out}:2: 'prompt' is empty" in err
+    held_out.write_text('{"id": "e1", "prompt": "add: 1 + 2", "reference": "3"}\n')
+    # So does a training key, and a reviser key of the first stage.
+    assert main([*args, "train.loss_options.gama=1"]) == 2
+    err = capsys.readouterr().err
+    assert "rayalign pipeline: error: train.loss_options.gama: not an option of loss 'apo_zero'" in err
+    reviser = ["clair.reviser.backend=openai", "clair.reviser.model=m", "clair.reviser.base_url=http://127.0.0.1:9/v1",
+               "clair.reviser.api_key_env=RAYALIGN_NO_SUCH_KEY"]
+    assert main([*args, *reviser]) == 2
+    assert "rayalign pipeline: error: clair.reviser.api_key_env: " in capsys.readouterr().err
+    assert not run.exists(), "nothing was started or written"

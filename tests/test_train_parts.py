@@ -175,15 +175,17 @@ def test_auto_precision_follows_the_cpu(monkeypatch):
 # ---- fingerprints and the reference batch function ----------------------------------------------
 
 def test_fingerprint_sees_any_change_of_large_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(reference, "LARGE_FILE", 1000)
-    monkeypatch.setattr(reference, "SAMPLE", 100)
+    from rayalign import stage
+
+    monkeypatch.setattr(stage, "LARGE_FILE", 1000)
+    monkeypatch.setattr(stage, "SAMPLE", 100)
     (tmp_path / "m").mkdir()
     weights = tmp_path / "m" / "model.safetensors"
     weights.write_bytes(bytes(5000))
-    before = reference.tree_digest(tmp_path / "m")
+    before = stage.tree_digest(tmp_path / "m")
     weights.write_bytes(bytes(4999) + b"\x01")      # last byte: inside the sampled tail
-    assert reference.tree_digest(tmp_path / "m") != before
-    assert reference.tree_digest("org/name") == "name:org/name"
+    assert stage.tree_digest(tmp_path / "m") != before
+    assert stage.tree_digest("org/name") == "name:org/name"
 
 
 def test_reference_batch_function_matches_transformers(tiny_model, tokenizer):

@@ -5,6 +5,7 @@ Run A (ZeRO-2, 2 workers, 48 steps, fp32) is the baseline that the first-step ha
 the export checks, vLLM, the ZeRO-3 run and the killed run are compared with.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from rayalign import events as rayalign_events
+from rayalign.config import ConfigError
 from rayalign.train.run import check_config, run_reference, run_train
 from tests.conftest import PYTHON, ROOT
 from tests.train_support import toy_pairs, train_config, write_pairs
@@ -325,6 +327,13 @@ def test_auto_precision_offload_checkpointing_and_rerun_of_a_finished_run(ray_cl
     assert sorted((Path(summary["output"]) / "tensorboard").iterdir()) == events
     assert again["final_metrics"] == summary["final_metrics"]
     assert max_difference(load_weights(again["final"]), load_weights(summary["final"])) == 0
+
+    # Into the same train.output, a config that would train another model is refused by key,
+    # and the model there is left as it is.
+    steeper = dataclasses.replace(config, train=dataclasses.replace(config.train, learning_rate=2e-3))
+    with pytest.raises(ConfigError, match=r"other settings: train.learning_rate \(0.001 -> 0.002\)\. Put back"):
+        run_train(steeper)
+    assert weights.stat().st_mtime_ns == stamp
 
 
 # ---- LoRA ------------------------------------------------------------------------------------------

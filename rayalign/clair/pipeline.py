@@ -8,11 +8,15 @@ The stream, on Ray Data:
             -> shard writer (pairs and rejects, atomically, exactly once)
 
 Output under `clair.output` (default `<run_dir>/clair`): `pairs/`, `rejects/`,
-`invalid_prompts.jsonl` (prompt rows that failed validation), `summary.json`, `contrast.png`.
+`invalid_prompts.jsonl` (prompt rows that failed validation), `summary.json`, `contrast.png`,
+`stage.json` (the settings that shaped the pairs) and `prompts.json` (a digest of each prompt).
+A rerun into the same output sends only the units not done yet; one with other settings, or with
+a changed prompt under an id whose pairs are done, is refused, naming the keys or the id.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -24,6 +28,7 @@ from rayalign.clair.contrast import describe
 from rayalign.clair.outcomes import REASONS, ShardWriter, commit_stream, completed_ids, make_units
 from rayalign.clair.revision import judge_request, revision_request
 from rayalign.config import ConfigError, RunConfig
+from rayalign.stage import fingerprint, flatten, guard
 
 
 def output_dir(config: RunConfig) -> Path:
@@ -49,6 +54,36 @@ def check_inputs(config: RunConfig) -> None:
             raise ConfigError(f"clair.reviser.api_key_env: {exc}") from None
 
 
+def shaping_fields(config: RunConfig) -> dict:
+    """The clair keys that shape the pairs, as dotted keys: what a rerun into the same output must
+    keep. Throughput, budget, retry, endpoint and price settings may change between runs."""
+    c = config.clair
+    reviser = {k: v for k, v in dataclasses.asdict(c.reviser).items()
+               if k not in ("max_concurrency", "requests_per_second", "max_retries", "timeout_s", "base_url",
+                            "api_key_env", "price_per_million_input_tokens", "price_per_million_output_tokens",
+                            "engine")}
+    shaping = {"prompts": c.prompts, "mode": c.mode, "target_model": c.target_model,
+               "sampling": dataclasses.asdict(c.sampling), "format": c.format, "reviser": reviser,
+               "engine": {"dtype": c.engine.dtype, "max_model_len": c.engine.max_model_len}}
+    return flatten("clair", shaping)
+
+
+def guard_prompts(out: Path, units: list[dict], done_prompts: set[str], write: bool) -> None:
+    """A prompt id keeps its prompt within one output: new ids may be added to the prompt file
+    (only their units are sent), but a prompt whose units are done may not change under its id."""
+    path = out / "prompts.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    current = {u["prompt_id"]: fingerprint(u["prompt_json"], u["reference"]) for u in units}
+    changed = sorted(i for i in done_prompts if saved.get(i, current[i]) != current[i])
+    if changed:
+        more = f" (and {len(changed) - 1} more: {', '.join(changed[1:6])}{', ...' if len(changed) > 6 else ''})"
+        raise ConfigError(f"clair.prompts: the prompt or reference under id {changed[0]!r}"
+                          f"{more if len(changed) > 1 else ''} differs from the one its pairs in {out} were "
+                          f"made from; give a changed prompt a new id, or use a new run_dir (or clair.output)")
+    if write:
+        path.write_text(json.dumps({**saved, **current}, sort_keys=True))
+
+
 def run_clair(config: RunConfig, limit: int | None = None, dry_run: bool = False) -> dict:
     from rayalign.cluster import check_shared_paths
 
@@ -56,6 +91,7 @@ def run_clair(config: RunConfig, limit: int | None = None, dry_run: bool = False
     check_shared_paths(config)
     c = config.clair
     out = output_dir(config)
+    guard(out, shaping_fields(config), write=not dry_run, legacy="clair_config.json")
     out.mkdir(parents=True, exist_ok=True)
     if c.mode == "offpolicy":
         return import_offpolicy(config, out)
@@ -70,6 +106,7 @@ def run_clair(config: RunConfig, limit: int | None = None, dry_run: bool = False
     done = completed_ids(out)
     # The unit of output is one pair attempt; in judge mode that is a prompt (two samples).
     outcome_id = (lambda u: u["prompt_id"]) if judged else (lambda u: u["unit_id"])
+    guard_prompts(out, units, {u["prompt_id"] for u in units if outcome_id(u) in done}, write=not dry_run)
     pending = [u for u in units if outcome_id(u) not in done]
     limit = c.limit if limit is None else limit  # --limit overrides clair.limit
     if limit is not None:

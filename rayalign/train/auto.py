@@ -14,8 +14,8 @@ pairs whose winners are worse than the model. Which case holds is measured befor
    policy better -> `apo_down`; no decisive comparison -> `apo_zero`, the paper's default.
 
 The evidence and the choice go to `<train.output>/loss_choice.json` and the terminal. The file
-is reused while the model, the pair file, the judge and the sample size stay the same, so a
-resumed run keeps its choice.
+is reused while the model and the pair file (by content), the judge and the sample size stay
+the same, so a resumed run keeps its choice.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import random
 from pathlib import Path
 
 from rayalign.config import ConfigError, RunConfig
+from rayalign.stage import tree_digest
 
 CHOICE_FILE = "loss_choice.json"
 
@@ -73,7 +74,7 @@ def choose_loss(config: RunConfig) -> dict:
                 references[_key(row["prompt"])] = row["reference"]
 
     judge = reviser.backend if reviser.backend == "verifier" else f"{reviser.backend}:{reviser.model}"
-    inputs = {"model": _identity(train.model), "pairs": _identity(train.pairs), "judge": judge,
+    inputs = {"model": tree_digest(train.model), "pairs": tree_digest(train.pairs), "judge": judge,
               "sample": train.auto_sample, "seed": train.seed, "max_tokens": clair.sampling.max_tokens,
               "references": hashlib.sha256(json.dumps(sorted(references.items())).encode()).hexdigest()[:16]}
     path = Path(train.output) / CHOICE_FILE
@@ -144,12 +145,3 @@ def _verdict(row: dict) -> str:
 
 def _key(prompt) -> str:
     return json.dumps(prompt, sort_keys=True)
-
-
-def _identity(path: str) -> str:
-    """A path with its modification time, so a retrained model or rewritten pair file is new."""
-    p = Path(path)
-    if not p.exists():
-        return path
-    stamps = [f.stat().st_mtime_ns for f in ([p] if p.is_file() else sorted(p.rglob("*")))]
-    return f"{p.resolve()}@{max(stamps)}"

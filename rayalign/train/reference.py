@@ -10,9 +10,8 @@ The cache lives in `<reference.output>/<fingerprint>/` (default `<run_dir>/refer
 Parquet file, `rejects.jsonl` (skipped pairs with their reason) and `manifest.json`, written
 last, so a directory without a manifest is an unfinished pass. The fingerprint covers the
 reference model's files, the tokenizer's files, the pair data, max_length, max_prompt_length
-and the compute precision; any change yields a new fingerprint and a fresh pass. Files over
-64 MiB are fingerprinted by size plus their first and last 8 MiB, so multi-GB weights are not
-read in full; a hub name (not a local directory) is fingerprinted by its name only.
+and the compute precision, by content (`rayalign.stage.tree_digest`); any change yields a new
+fingerprint and a fresh pass.
 """
 
 from __future__ import annotations
@@ -27,10 +26,9 @@ from pathlib import Path
 
 from rayalign.config import RunConfig
 from rayalign.records import load_pairs, write_shard
+from rayalign.stage import tree_digest
 
 FORMAT_VERSION = 1
-LARGE_FILE = 64 * 2**20
-SAMPLE = 8 * 2**20
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
@@ -71,39 +69,6 @@ class ReferenceLogps:
 
 
 # ---- fingerprints ----------------------------------------------------------------------------
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if size <= LARGE_FILE:
-            for chunk in iter(lambda: f.read(2**20), b""):
-                h.update(chunk)
-        else:
-            h.update(f"size={size}".encode())
-            h.update(f.read(SAMPLE))
-            f.seek(size - SAMPLE)
-            h.update(f.read(SAMPLE))
-    return h.hexdigest()
-
-
-def tree_digest(path: str | Path, names: tuple[str, ...] | None = None) -> str:
-    """Digest of a file, or of the non-hidden files under a directory (only `names` if given);
-    anything else is taken to be a hub name."""
-    path = Path(path)
-    if path.is_file():
-        return file_digest(path)
-    if not path.is_dir():
-        return "name:" + str(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(path).parts))
-    if names is not None:
-        files = [p for p in files if p.name in names and p.parent == path]
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.relative_to(path).as_posix()}={file_digest(p)}\n".encode())
-    return h.hexdigest()
-
 
 def fingerprint_inputs(config: RunConfig, precision: str, with_reference: bool) -> dict:
     train = config.train

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from rayalign import events
 from rayalign.config import ConfigError, RunConfig
+from rayalign.stage import flatten, guard
 
 # TrainConfig keys that do not change the trajectory, so they do not change the run name.
 _NOT_IN_RUN_ID = ("output", "storage_path", "max_failures", "keep_checkpoints", "checkpoint_every", "report_every",
@@ -77,6 +78,7 @@ def run_train(config: RunConfig) -> dict:
         raise ConfigError(f"train.batch_size: ({train.batch_size}) is more than the {len(table)} usable pairs "
                           f"of {train.pairs}")
     run_id = _run_id(config, prepared.manifest["fingerprint"], precision)
+    guard(output, shaping_fields(config, prepared.manifest["fingerprint"], precision))
     finished = output / "summary.json"
     if finished.exists() and (output / "final").exists():
         summary = json.loads(finished.read_text())
@@ -139,17 +141,34 @@ def run_train(config: RunConfig) -> dict:
 def check_config(config: RunConfig) -> RunConfig:
     """Fail before any worker starts, naming the key; return the config with absolute paths."""
     from rayalign.cluster import check_shared_paths
-    from rayalign.train.losses import LOSSES
 
     config.validate()
     check_shared_paths(config)
+    check_keys(config)
     train, reference = config.train, config.reference
-    if not train.model:
-        raise ConfigError("train.model: is required (a local model directory or a hub name)")
     if not train.pairs:
         raise ConfigError("train.pairs: is required (a pair file or directory of shards)")
     if not Path(train.pairs).exists():
         raise ConfigError(f"train.pairs: {train.pairs} not found")
+
+    output = Path(train.output or Path(config.run_dir) / "train").resolve()
+    storage = train.storage_path or str(output / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    train = dataclasses.replace(train, model=_absolute(train.model), pairs=str(Path(train.pairs).resolve()),
+                                output=str(output), storage_path=storage)
+    reference = dataclasses.replace(reference, model=_absolute(reference.model) if reference.model else None)
+    return dataclasses.replace(config, train=train, reference=reference)
+
+
+def check_keys(config: RunConfig) -> None:
+    """The training keys that need no input file yet (a pipeline checks them before its first
+    stage, when the pairs do not exist): the models, the loss options, LoRA with ZeRO."""
+    from rayalign.train.losses import LOSSES
+
+    train, reference = config.train, config.reference
+    if not train.model:
+        raise ConfigError("train.model: is required (a local model directory or a hub name)")
     for key, model in (("train.model", train.model), ("reference.model", reference.model)):
         if model and _looks_local(model) and not Path(model).exists():
             raise ConfigError(f"{key}: {model} not found")
@@ -164,15 +183,6 @@ def check_config(config: RunConfig) -> RunConfig:
     if train.lora.enabled and train.zero_stage == 3:
         raise ConfigError("train.lora.enabled: LoRA trains with zero_stage 0, 1 or 2 (the adapters are small; "
                           "ZeRO-3 partitioning of the frozen base is not supported with them)")
-
-    output = Path(train.output or Path(config.run_dir) / "train").resolve()
-    storage = train.storage_path or str(output / "ray")
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
-    train = dataclasses.replace(train, model=_absolute(train.model), pairs=str(Path(train.pairs).resolve()),
-                                output=str(output), storage_path=storage)
-    reference = dataclasses.replace(reference, model=_absolute(reference.model) if reference.model else None)
-    return dataclasses.replace(config, train=train, reference=reference)
 
 
 def detect_precision(config: RunConfig) -> str:
@@ -194,6 +204,15 @@ def _run_id(config: RunConfig, data_fingerprint: str, precision: str) -> str:
     shape.update(data=data_fingerprint, precision=precision, on_the_fly=config.reference.on_the_fly,
                  reference=config.reference.model)
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+
+
+def shaping_fields(config: RunConfig, data_fingerprint: str, precision: str) -> dict:
+    """The keys that shape the trained model, as dotted keys: what a rerun into the same
+    train.output must keep (it resumes from the newest checkpoint, or finds the run finished)."""
+    train = {k: v for k, v in dataclasses.asdict(config.train).items() if k not in _NOT_IN_RUN_ID}
+    return {**flatten("train", train), "train.precision": precision,
+            "train.pairs (tokenized, with reference log-probs)": data_fingerprint,
+            "reference.on_the_fly": config.reference.on_the_fly, "reference.model": config.reference.model}
 
 
 def _looks_local(name: str) -> bool:

@@ -1,0 +1,74 @@
+"""The one rule by which a stage's output records what made it (rayalign.stage)."""
+
+import json
+import os
+
+import pytest
+
+from rayalign.clair.pipeline import shaping_fields
+from rayalign.config import ConfigError, load_config
+from rayalign.stage import flatten, guard, tree_digest
+
+
+def test_guard_records_fields_and_refuses_others_naming_each_changed_key(tmp_path):
+    out = tmp_path / "clair"
+    fields = {"clair.mode": "clair", "clair.sampling.temperature": 0.7, "clair.sampling.seed": None}
+    guard(out, fields, write=False)
+    assert not out.exists(), "a dry run leaves no trace"
+    guard(out, fields)
+    assert json.loads((out / "stage.json").read_text()) == fields
+    guard(out, dict(fields))  # the same fields: the output continues
+
+    other = {**fields, "clair.sampling.temperature": 1.0, "clair.sampling.seed": 3, "clair.format": "parquet"}
+    with pytest.raises(ConfigError) as error:
+        guard(out, other)
+    assert str(error.value) == (
+        f"{out} holds output made with other settings: clair.format (unset -> \"parquet\"); "
+        "clair.sampling.seed (unset -> 3); clair.sampling.temperature (0.7 -> 1.0). "
+        f"Put back the old values, or use a new run_dir (or output), or remove {out}")
+    assert json.loads((out / "stage.json").read_text()) == fields, "a refused run changes nothing"
+
+
+def test_guard_reads_what_earlier_versions_kept(tmp_path):
+    # Earlier versions kept CLAIR's shaping settings in clair_config.json, nested and unprefixed,
+    # with `judge`, a key that chose nothing.
+    current = shaping_fields(load_config(None, ["clair.sampling.temperature=0.9"]))
+    old = {"judge": "verifier"}
+    for key, value in current.items():
+        *path, last = key.split(".")[1:]
+        node = old
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    assert old["sampling"]["temperature"] == 0.9 and old["engine"]["dtype"] == "auto"
+    (tmp_path / "clair_config.json").write_text(json.dumps(old))
+    guard(tmp_path, current, legacy="clair_config.json")  # the same settings, judge aside
+    assert json.loads((tmp_path / "stage.json").read_text()) == current
+
+    (tmp_path / "stage.json").unlink()
+    hotter = shaping_fields(load_config(None, ["clair.sampling.temperature=1.0"]))
+    with pytest.raises(ConfigError, match=r"other settings: clair.sampling.temperature \(0.9 -> 1.0\)\. Put back"):
+        guard(tmp_path, hotter, legacy="clair_config.json")
+
+
+def test_shaping_fields_leave_out_pacing_and_secrets():
+    fields = shaping_fields(load_config(None, ["clair.sampling.top_p=0.9", "clair.reviser.max_retries=7",
+                                              "clair.reviser.api_key_env=MY_KEY"]))
+    assert fields["clair.sampling.top_p"] == 0.9
+    assert not [key for key in fields if key.endswith(("max_retries", "api_key_env", "requests_per_second",
+                                                       "timeout_s", "base_url", "max_concurrency"))]
+    assert "MY_KEY" not in json.dumps(fields)
+    assert flatten("x", {"a": {"b": 1, "c": [2]}, "d": None}) == {"x.a.b": 1, "x.a.c": [2], "x.d": None}
+
+
+def test_a_model_is_fingerprinted_by_content_not_by_time(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 8}')
+    (model / ".cache").mkdir()
+    before = tree_digest(model)
+    os.utime(model / "config.json", (1, 1))  # copied or touched: the same model
+    (model / ".cache" / "lock").write_text("x")  # hidden files do not count
+    assert tree_digest(model) == before
+    (model / "config.json").write_text('{"hidden_size": 9}')
+    assert tree_digest(model) != before
