@@ -128,6 +128,14 @@ def test_verifier_pairs_exactly_once_after_a_kill(tmp_path, student, ray_session
                                           "differs from the one its pairs in .* were made from"):
         run_clair(config)
     assert sorted(p.name for p in out.rglob("part-*")) == files
+    # A new prompt id added to the file is sent, and only it.
+    added = addition_prompts(1, seed=77)[0]
+    assert added["id"] not in {p["id"] for p in prompts}
+    shutil.rmtree(tmp_path / "prompts")
+    records.write_rows([*prompts, added], tmp_path / "prompts", "jsonl")
+    grown = run_clair(config)
+    assert grown["this_run"]["pairs"] + grown["this_run"]["rejects"] == 1
+    assert_exactly_once(out, [p["id"] for p in prompts] + [added["id"]])
 
 
 def test_vllm_reviser_with_structured_output(tmp_path, student, tiny_model, ray_session):
