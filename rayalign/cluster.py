@@ -8,6 +8,7 @@ local Ray with the configured logical CPUs and object store.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import platform
@@ -275,14 +276,8 @@ def stop_ray() -> None:
     if ray.is_initialized():
         ray.shutdown()
     _, alive = psutil.wait_procs(started, timeout=5)
-    for process in alive:
-        try:
-            process.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=3)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
+    for send, grace in (("terminate", 3), ("kill", 0)):
+        for process in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                getattr(process, send)()
+        _, alive = psutil.wait_procs(alive, timeout=grace)
