@@ -2,6 +2,7 @@
 schedule, the DeepSpeed config, precision detection, fingerprints, the reference batch function
 against a direct transformers computation, and config checks that fail before Ray starts."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -161,6 +162,39 @@ def test_deepspeed_config_from_train_config(tmp_path, tiny_model):
     assert ds["bf16"] == {"enabled": True}
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
     assert engine.deepspeed_config(config.train, "fp32")["bf16"] == {"enabled": False}
+
+
+def test_every_optimizer_and_ray_train_field_reaches_its_consumer(tmp_path, tiny_model):
+    """The train.* keys that DeepSpeed's config does not carry, set away from their defaults, in
+    what the optimizer, its schedule and Ray Train's TorchTrainer receive."""
+    from transformers import AutoModelForCausalLM
+
+    from rayalign.train.run import trainer_settings
+
+    config = train_config(tmp_path, tiny_model, tmp_path, "train.learning_rate=3e-4", "train.weight_decay=0.05",
+                          "train.lr_schedule=linear", "train.warmup_ratio=0.25", "train.num_workers=4",
+                          "train.cpus_per_worker=2", "train.placement_strategy=SPREAD", "train.keep_checkpoints=5",
+                          "train.max_failures=4", f"train.storage_path={tmp_path / 'store'}")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    optimizer, scheduler = engine.make_optimizer(model, config.train, total_steps=8)
+    (group,) = optimizer.param_groups
+    assert (group["initial_lr"], group["weight_decay"]) == (3e-4, 0.05)
+    assert len(group["params"]) == len(list(model.parameters()))
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # Two warm-up steps (25% of 8) rising as (s + 1) / 3, then a linear decay over the other six.
+    assert rates == pytest.approx([3e-4 * f for f in (1 / 3, 2 / 3, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6)])
+
+    gpu = dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, use_gpu=True))
+    settings = trainer_settings(gpu, "0123456789abcdef")
+    scaling, run = settings["scaling_config"], settings["run_config"]
+    assert (scaling.num_workers, scaling.use_gpu, scaling.resources_per_worker, scaling.placement_strategy) == (
+        4, True, {"CPU": 2}, "SPREAD")
+    assert (run.name, run.storage_path) == ("rayalign-0123456789ab", str(tmp_path / "store"))
+    assert (run.checkpoint_config.num_to_keep, run.failure_config.max_failures) == (5, 4)
 
 
 def test_auto_precision_follows_the_cpu(monkeypatch):

@@ -159,13 +159,21 @@ def build_engine(train: TrainConfig, precision: str, total_steps: int):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train.lora.enabled:
         model = with_lora(model, train)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
-    factor = lr_multiplier(train.lr_schedule, warmup_steps(train, total_steps), total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    optimizer, scheduler = make_optimizer(model, train, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine
+
+
+def make_optimizer(model, train: TrainConfig, total_steps: int):
+    """AdamW over the trainable parameters (train.learning_rate, train.weight_decay) and the
+    learning-rate schedule (train.lr_schedule, train.warmup_ratio)."""
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, weight_decay=train.weight_decay)
+    factor = lr_multiplier(train.lr_schedule, warmup_steps(train, total_steps), total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def with_lora(model, train: TrainConfig):

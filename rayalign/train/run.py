@@ -92,14 +92,7 @@ def run_train(config: RunConfig) -> dict:
             "pairs": ray.put(table), "pad_id": pad_id(AutoTokenizer.from_pretrained(train.model)),
             "reference_model": (config.reference.model or train.model) if config.reference.on_the_fly else None,
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=config.cluster.use_gpu,
-                                               resources_per_worker={"CPU": train.cpus_per_worker},
-                                               placement_strategy=train.placement_strategy),
-        run_config=ray.train.RunConfig(
-            name=f"rayalign-{run_id[:12]}", storage_path=train.storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-        ),
+        **trainer_settings(config, run_id),
     )
     print(f"rayalign train: {schedule.total_steps} steps of {train.batch_size} pairs ({schedule.epochs} epochs "
           f"of {len(table)} pairs; {schedule.dropped_per_epoch} dropped per epoch), {train.num_workers} workers, "
@@ -136,6 +129,22 @@ def run_train(config: RunConfig) -> dict:
     print(f"rayalign train: done in {summary['seconds']}s; final loss {summary['final_metrics']['loss']:.4f}; "
           f"model in {summary['final']}")
     return summary
+
+
+def trainer_settings(config: RunConfig, run_id: str) -> dict:
+    """Ray Train's scaling and run settings from the train.* and cluster.* keys."""
+    import ray.train
+
+    train = config.train
+    return {
+        "scaling_config": ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=config.cluster.use_gpu,
+                                                  resources_per_worker={"CPU": train.cpus_per_worker},
+                                                  placement_strategy=train.placement_strategy),
+        "run_config": ray.train.RunConfig(
+            name=f"rayalign-{run_id[:12]}", storage_path=train.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures)),
+    }
 
 
 def check_config(config: RunConfig) -> RunConfig:
