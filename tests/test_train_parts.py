@@ -180,6 +180,7 @@ def test_every_optimizer_and_ray_train_field_reaches_its_consumer(tmp_path, tiny
     (group,) = optimizer.param_groups
     assert (group["initial_lr"], group["weight_decay"]) == (3e-4, 0.05)
     assert len(group["params"]) == len(list(model.parameters()))
+    assert not engine.trainable_policy(model, config.train).is_gradient_checkpointing
     rates = []
     for _ in range(8):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -195,6 +196,26 @@ def test_every_optimizer_and_ray_train_field_reaches_its_consumer(tmp_path, tiny
         4, True, {"CPU": 2}, "SPREAD")
     assert (run.name, run.storage_path) == ("rayalign-0123456789ab", str(tmp_path / "store"))
     assert (run.checkpoint_config.num_to_keep, run.failure_config.max_failures) == (5, 4)
+
+
+def test_gradient_checkpointing_and_every_lora_field_reach_the_policy(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    config = train_config(tmp_path, tiny_model, tmp_path, "train.gradient_checkpointing=true",
+                          "train.lora.enabled=true", "train.lora.r=4", "train.lora.alpha=12", "train.lora.dropout=0.1",
+                          "train.lora.target_modules=[q_proj, v_proj]", "train.zero_stage=2")
+    policy = engine.trainable_policy(AutoModelForCausalLM.from_pretrained(tiny_model), config.train)
+    assert policy.is_gradient_checkpointing
+    lora = policy.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, set(lora.target_modules)) == (4, 12, 0.1, {"q_proj", "v_proj"})
+    # Only the adapters train (names like ...self_attn.q_proj.lora_A.default.weight), on the named modules.
+    trainable = [name.split(".")[-4:-1] for name, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and {tuple(parts) for parts in trainable} <= {(m, side, "default") for m in ("q_proj", "v_proj")
+                                                                   for side in ("lora_A", "lora_B")}
+    assert {parts[0] for parts in trainable} == {"q_proj", "v_proj"}
+    # The optimizer holds exactly those parameters.
+    optimizer, _ = engine.make_optimizer(policy, config.train, total_steps=4)
+    assert len(optimizer.param_groups[0]["params"]) == sum(p.requires_grad for p in policy.parameters())
 
 
 def test_auto_precision_follows_the_cpu(monkeypatch):

@@ -154,15 +154,21 @@ def build_engine(train: TrainConfig, precision: str, total_steps: int):
 
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     ds_config = deepspeed_config(train, precision)
-    model = load_policy(train, precision, ds_config)
-    if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if train.lora.enabled:
-        model = with_lora(model, train)
+    model = trainable_policy(load_policy(train, precision, ds_config), train)
     optimizer, scheduler = make_optimizer(model, train, total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine
+
+
+def trainable_policy(model, train: TrainConfig):
+    """The policy as it trains: gradient checkpointing (train.gradient_checkpointing) and LoRA
+    adapters (train.lora.*) when asked."""
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if train.lora.enabled:
+        model = with_lora(model, train)
+    return model
 
 
 def make_optimizer(model, train: TrainConfig, total_steps: int):
