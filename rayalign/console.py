@@ -25,8 +25,9 @@ def quiet_libraries() -> None:
         return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow it too
+    # Not TQDM_DISABLE: the processes this one starts inherit it, and vLLM's LLM.generate divides
+    # by a disabled bar's elapsed time (ZeroDivisionError).
     # DeepSpeed sets its logger's level when it creates it; a filter on the logger stays.
     logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
     logging.getLogger("ray").setLevel(logging.ERROR)

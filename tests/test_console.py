@@ -23,6 +23,12 @@ init_logger("vllm.rayalign_test").error("vllm-error")
 get_logger("rayalign_test").info("ray-llm-info")
 logging.getLogger("DeepSpeed").addHandler(logging.StreamHandler())
 logging.getLogger("DeepSpeed").warning("deepspeed-warning")
+# A process started from here times a progress bar as vLLM's LLM.generate does (a disabled bar
+# has no elapsed time: vLLM divided by zero when quiet_libraries disabled tqdm for children).
+import subprocess, sys
+child = ("import time; from tqdm import tqdm; bar = tqdm(total=1); time.sleep(0.01); bar.update(1); "
+         "print('tqdm-rate', 1 / bar.format_dict['elapsed'])")
+print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True).stdout)
 """
 
 
@@ -36,7 +42,7 @@ def run_libraries(**env):
 
 def test_library_logs_stay_off_the_console_unless_verbose():
     quiet = run_libraries()
-    assert "vllm-error" in quiet
+    assert "vllm-error" in quiet and "tqdm-rate" in quiet
     for line in ("vllm-warning", "ray-llm-info", "deepspeed-warning"):
         assert line not in quiet
     loud = run_libraries(RAYALIGN_VERBOSE="1")
