@@ -127,8 +127,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from rayalign.pipeline import run_pipeline
 
-    manifest = run_pipeline(load_config(args.config, args.overrides))
-    print(json.dumps(manifest["result"], indent=2))
+    from rayalign.evaluate import markdown
+
+    config = load_config(args.config, args.overrides)
+    manifest = run_pipeline(config)
+    models = manifest["result"]["models"]
+    print(markdown(manifest["result"]["eval"]).strip())
+    print(f"rayalign pipeline: done; {', '.join(f'{name} = {path}' for name, path in models.items())}; "
+          f"stages, timings and results in {Path(config.run_dir) / 'manifest.json'}")
     return 0
 
 

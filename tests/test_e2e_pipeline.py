@@ -51,7 +51,7 @@ def write_config(tmp_path, student, ray_session):
 def assert_quiet(console: str) -> None:
     """A command's console is for people: its own lines, not the libraries' logs, which stay in
     the Ray log folder it names."""
-    lines = console.splitlines()
+    lines = console.split("\n")  # as a terminal shows them: a progress bar redraws its own line
     assert any(line.startswith("rayalign: the logs of Ray, vLLM and DeepSpeed are in /") for line in lines), console
     assert "Traceback" not in console
     chatter = [line for line in lines if re.search(r"\b(INFO|DEBUG)\b|Deployment Options|Triton|streaming_executor",
@@ -112,6 +112,9 @@ def test_pipeline_resumes_after_a_stop(tmp_path, student, ray_session):
         mine = [e for e in examples if e["model"] == name]
         assert scores["scored"] == len(mine) == 24
         assert scores["correct"] == sum(bool(e["correct"]) for e in mine)
+        # The console ends with the evaluation's table, not a JSON dump.
+        assert f"| {name} | {100 * scores['accuracy']:.1f}% | " in resumed.stdout
+    assert resumed.stdout.rstrip().endswith(f"stages, timings and results in {run / 'manifest.json'}")
     saved = json.loads((run / "manifest.json").read_text())
     assert saved["git_commit"] and "ray" in saved["packages"] and saved["config"]["train"]["batch_size"] == 8
 
