@@ -110,10 +110,11 @@ def run_clair(config: RunConfig, limit: int | None = None, dry_run: bool = False
     pending = [u for u in units if outcome_id(u) not in done]
     limit = c.limit if limit is None else limit  # --limit overrides clair.limit
     if limit is not None:
-        keep = list(dict.fromkeys(outcome_id(u) for u in pending))[:limit]
-        pending = [u for u in pending if outcome_id(u) in set(keep)]
+        keep = set(list(dict.fromkeys(outcome_id(u) for u in pending))[:limit])
+        pending = [u for u in pending if outcome_id(u) in keep]
+    todo = len({outcome_id(u) for u in pending})
     print(f"rayalign clair: {len(prompts)} prompts, {len({outcome_id(u) for u in units})} units, "
-          f"{len(done)} already done, {len({outcome_id(u) for u in pending})} to do"
+          f"{len(done)} already done, {todo} to do"
           + (f"; {sum(1 for _ in open(invalid))} invalid prompt rows in {invalid}" if invalid.exists() else ""))
     if dry_run:
         return estimate(config, pending)
@@ -121,16 +122,17 @@ def run_clair(config: RunConfig, limit: int | None = None, dry_run: bool = False
     started = time.perf_counter()
     counts = []
     if pending:
-        counts = stream(config, pending, out)
+        counts = stream(config, pending, todo, out)
     elapsed = time.perf_counter() - started
     summary = summarize(config, out, counts, elapsed)
     print_summary(summary)
     return summary
 
 
-def stream(config: RunConfig, pending: list[dict], out: Path) -> list[dict]:
-    """Run the pending units through generation and revision; this process writes the shards as
-    rows arrive (clair.rows_per_shard, clair.commit_seconds) and returns their counts."""
+def stream(config: RunConfig, pending: list[dict], total: int, out: Path) -> list[dict]:
+    """Run the pending units (`total` outcomes) through generation and revision; this process
+    writes the shards as rows arrive (clair.rows_per_shard, clair.commit_seconds) and returns
+    their counts."""
     from rayalign.cluster import connect
     from rayalign.llm import chat_stage
 
@@ -144,7 +146,6 @@ def stream(config: RunConfig, pending: list[dict], out: Path) -> list[dict]:
         ds = ds.groupby("prompt_id").map_groups(_two_samples)
     ds = revise(config, ds)
     writer = ShardWriter(str(out), c.format, source=c.mode, reviser=reviser_name(config))
-    total = len({u["prompt_id"] if c.mode == "onpolicy_judge" else u["unit_id"] for u in pending})
     batches = _progress(ds.iter_batches(batch_size=None, batch_format="default"), total)
     return commit_stream(batches, writer, c.rows_per_shard, c.commit_seconds)
 
