@@ -38,10 +38,15 @@ def setup_run(tmp_path, student, ray_session, prompts, **sections):
     return path, load_config(path)
 
 
+def committed(folder):
+    """The rows of a folder's committed shards; none while the stage has made the folder but committed nothing yet."""
+    if not folder.is_dir() or not any(p.suffix in (".jsonl", ".parquet") for p in folder.iterdir()):
+        return []
+    return [r.value for r in records.read_records(folder)]
+
+
 def outputs(out):
-    pairs = [r.value for r in records.read_records(out / "pairs")] if (out / "pairs").exists() else []
-    rejects = [r.value for r in records.read_records(out / "rejects")] if (out / "rejects").exists() else []
-    return pairs, rejects
+    return committed(out / "pairs"), committed(out / "rejects")
 
 
 def assert_exactly_once(out, expected_ids):
