@@ -28,6 +28,7 @@ from rayalign.config import ClusterConfig, ConfigError
 # controller from its environment: set on the Ray that rayalign starts, on cluster nodes by
 # cluster/*.yaml; RAY_SERVE_ENABLE_HA_PROXY=0 in the environment keeps the Python proxy.
 HAPROXY = "RAY_SERVE_ENABLE_HA_PROXY"
+DRAIN = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 
 
 def in_job() -> bool:
@@ -146,6 +147,10 @@ def haproxy_env() -> dict[str, str]:
     files = tempfile.mkdtemp(prefix="rayalign-", dir="/tmp")
     atexit.register(shutil.rmtree, files, ignore_errors=True)
     return {HAPROXY: "1",
+            # A stopping replica stays reachable this long before it refuses new connections,
+            # so that load balancers can take it out. Serve's default of 30 s is for balancers
+            # outside the cluster; this HAProxy is Serve's own and reloads within a second.
+            DRAIN: os.environ.get(DRAIN, "2"),
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{files}/haproxy.cfg",
             "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{files}/admin.sock",
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": files,

@@ -76,6 +76,12 @@ def processor_config(model: str, engine: EngineConfig):
         # A row the engine cannot answer (a prompt longer than the context) becomes an error
         # column, so it can go to rejects instead of failing the whole run.
         should_continue_on_error=True,
+        # vLLM tokenizes the rendered prompt as the tokenize stage would (special tokens
+        # added), and `chat_stage` decodes the answer in its own map; each of the two stages is
+        # one more pool of actors loading the tokenizer at every run's start (about 10 s of a
+        # tiny model's run on 2 cores).
+        tokenize_stage=False,
+        detokenize_stage=False,
     )
 
 
@@ -113,7 +119,11 @@ def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict]
         truncated = (not error and len(tokens) >= row["_max_tokens"]
                      and (not tokens or tokens[-1] != eos_token_id))
         keep = {k: v for k, v in row.items() if k not in _ENGINE_COLUMNS}
-        return {**keep, f"{output_prefix}_text": row.get("generated_text") or "",
+        # The answer's own tokens decoded, special tokens skipped. vLLM's text is decoded after
+        # the prompt's tokens instead, and so starts with a separator for a tokenizer that puts
+        # one between words (the student's word-level tokenizer).
+        text = answer_text(model, tokens) if tokens else ""
+        return {**keep, f"{output_prefix}_text": text,
                 f"{output_prefix}_tokens": len(tokens), f"{output_prefix}_token_ids": [int(t) for t in tokens],
                 f"{output_prefix}_truncated": bool(truncated),
                 f"{output_prefix}_error": str(error)}
@@ -122,6 +132,18 @@ def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict]
     # as they are), so the outputs are built in a map that sees every row.
     processor = build_processor(config, preprocess=preprocess, postprocess=lambda row: row)
     return lambda ds: processor(ds).map(finish)
+
+
+def answer_text(model: str, token_ids: list[int]) -> str:
+    return _tokenizer(model).decode(token_ids, skip_special_tokens=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model: str):
+    """The model's tokenizer, loaded once per process (Ray Data runs `finish` in pooled workers)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
 
 
 # Columns the processor adds for its own use (`prompt` is the rendered chat prompt, so callers

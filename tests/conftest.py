@@ -28,6 +28,20 @@ os.environ["RAYALIGN_TEST_KEY"] = SERVER_KEY
 os.environ[events.ENV] = tempfile.mkdtemp(prefix="rayalign-events-")
 
 
+_test_times = []  # (start, end, module) of every test run, setup and teardown included
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = time.time()
+    yield
+    _test_times.append((start, time.time(), item.module.__name__.removeprefix("tests.")))
+
+
+def _module_at(when: float) -> str:
+    return next((module for start, end, module in _test_times if start <= when <= end), "outside a test")
+
+
 def pytest_terminal_summary(terminalreporter):
     found = events.read(os.environ[events.ENV])
     engines = Counter(Path(e["model"]).name for e in found if e["kind"] == "engine")
@@ -37,6 +51,10 @@ def pytest_terminal_summary(terminalreporter):
                                 + ", ".join(f"{model} {n}" for model, n in engines.most_common()) + ")")
     terminalreporter.write_line(f"training fits: {sum(fits.values())} ("
                                 + ", ".join(f"{run} {n}" for run, n in fits.most_common()) + ")")
+    by_module = Counter((_module_at(e["time"]), e["kind"]) for e in found)
+    for module in sorted({module for module, _ in by_module}):
+        terminalreporter.write_line(f"  {module}: {by_module[module, 'engine']} engine starts, "
+                                    f"{by_module[module, 'fit']} fits")
 
 
 # Session fixtures that hold a running engine. The modules that use one run one after the other,

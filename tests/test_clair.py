@@ -82,9 +82,29 @@ def test_verifier_pairs_exactly_once_after_a_kill(tmp_path, student, ray_session
     before = sum(len(part) for part in outputs(out))
     assert 0.7 * len(prompts) <= before < len(prompts), f"{before} of {len(prompts)} units written before the kill"
 
-    summary = run_clair(config)
-    # The rerun sends only the units the kill left unwritten.
-    assert summary["this_run"]["pairs"] + summary["this_run"]["rejects"] == len(prompts) - before
+    # A prompt whose pairs are done may not change under its id: refused before anything is sent.
+    files = sorted(p.name for p in out.rglob("part-*"))
+    done_id = outputs(out)[0][0]["id"] if outputs(out)[0] else outputs(out)[1][0]["id"]
+    changed = [dict(p, prompt="add: 1 2 3 4 + 4 3 2 1") if p["id"] == done_id else p for p in prompts]
+    shutil.rmtree(tmp_path / "prompts")
+    records.write_rows(changed, tmp_path / "prompts", "jsonl")
+    with pytest.raises(ConfigError, match=f"clair.prompts: the prompt or reference under id '{done_id}' "
+                                          "differs from the one its pairs in .* were made from"):
+        run_clair(config)
+    assert sorted(p.name for p in out.rglob("part-*")) == files
+    # A new prompt id added to the file is sent with the units the kill left unwritten, and
+    # nothing else: first the 10 that clair.limit allows, then the rest (--limit overrides it).
+    added = addition_prompts(1, seed=77)[0]
+    assert added["id"] not in {p["id"] for p in prompts}
+    shutil.rmtree(tmp_path / "prompts")
+    records.write_rows([*prompts, added], tmp_path / "prompts", "jsonl")
+    limited = load_config(path, ["clair.limit=10"])
+    first = run_clair(limited)
+    assert first["this_run"]["pairs"] + first["this_run"]["rejects"] == 10
+    assert sum(len(part) for part in outputs(out)) == before + 10
+    summary = run_clair(limited, limit=len(prompts) + 1)
+    assert summary["this_run"]["pairs"] + summary["this_run"]["rejects"] == len(prompts) + 1 - before - 10
+    prompts.append(added)
     pairs, rejects = assert_exactly_once(out, [p["id"] for p in prompts])
     reference = {p["id"]: p["reference"] for p in prompts}
     for pair in pairs:
@@ -125,22 +145,6 @@ def test_verifier_pairs_exactly_once_after_a_kill(tmp_path, student, ray_session
     assert (out / "stage.json").read_text() == record
     # Settings that only pace the run may change.
     assert run_clair(load_config(path, ["clair.commit_seconds=5"]), dry_run=True)["units"] == 0
-    # A prompt whose pairs are done may not change under its id.
-    changed = [dict(p, prompt="add: 1 2 3 4 + 4 3 2 1") if p["id"] == prompts[3]["id"] else p for p in prompts]
-    shutil.rmtree(tmp_path / "prompts")
-    records.write_rows(changed, tmp_path / "prompts", "jsonl")
-    with pytest.raises(ConfigError, match=f"clair.prompts: the prompt or reference under id '{prompts[3]['id']}' "
-                                          "differs from the one its pairs in .* were made from"):
-        run_clair(config)
-    assert sorted(p.name for p in out.rglob("part-*")) == files
-    # A new prompt id added to the file is sent, and only it.
-    added = addition_prompts(1, seed=77)[0]
-    assert added["id"] not in {p["id"] for p in prompts}
-    shutil.rmtree(tmp_path / "prompts")
-    records.write_rows([*prompts, added], tmp_path / "prompts", "jsonl")
-    grown = run_clair(config)
-    assert grown["this_run"]["pairs"] + grown["this_run"]["rejects"] == 1
-    assert_exactly_once(out, [p["id"] for p in prompts] + [added["id"]])
 
 
 def test_vllm_reviser_with_structured_output(tmp_path, student, tiny_model, ray_session):
@@ -229,15 +233,11 @@ def test_onpolicy_judge_with_an_llm_judge(tmp_path, student, ray_session, openai
             assert reject["detail"].startswith("verdicts ")
 
 
-def test_onpolicy_judge_with_the_verifier_and_limit(tmp_path, student, ray_session):
+def test_onpolicy_judge_with_the_verifier(tmp_path, student, ray_session):
     prompts = addition_prompts(10, seed=41)
-    _, config = setup_run(tmp_path, student, ray_session, prompts, mode="onpolicy_judge", sampling={"n": 2},
-                          limit=3)
-    out = tmp_path / "run" / "clair"
-    run_clair(config)  # clair.limit: 3
-    assert sum(len(part) for part in outputs(out)) == 3
-    run_clair(config, limit=len(prompts))  # --limit overrides clair.limit
-    pairs, rejects = assert_exactly_once(out, [p["id"] for p in prompts])
+    _, config = setup_run(tmp_path, student, ray_session, prompts, mode="onpolicy_judge", sampling={"n": 2})
+    run_clair(config)
+    pairs, rejects = assert_exactly_once(tmp_path / "run" / "clair", [p["id"] for p in prompts])
     # At temperature 1 and top_p 1 the two samples of a prompt differ, for some prompts at least
     # (the control of the top_p test below).
     assert pairs

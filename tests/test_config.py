@@ -152,7 +152,7 @@ def test_engine_resources_and_placement(monkeypatch):
 
 
 def test_haproxy_env_gives_each_ray_its_own_files_and_ports(monkeypatch):
-    from rayalign.cluster import HAPROXY, haproxy_env
+    from rayalign.cluster import DRAIN, HAPROXY, haproxy_env
 
     monkeypatch.delenv(HAPROXY, raising=False)
     first, second = haproxy_env(), haproxy_env()
@@ -165,6 +165,11 @@ def test_haproxy_env_gives_each_ray_its_own_files_and_ports(monkeypatch):
     ports = {int(env[key]) for env in (first, second)
              for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")}
     assert len(ports) == 4 and not ports & {8404, 9101}
+    # A stopping replica drains for 2 s behind Serve's own HAProxy, unless the user says otherwise.
+    monkeypatch.delenv(DRAIN, raising=False)
+    assert haproxy_env()[DRAIN] == "2"
+    monkeypatch.setenv(DRAIN, "45")
+    assert haproxy_env()[DRAIN] == "45"
     monkeypatch.setenv(HAPROXY, "0")  # the user's choice: Serve's Python proxy
     assert haproxy_env() == {}
 

@@ -12,6 +12,7 @@ import psutil
 import pytest
 import yaml
 
+from rayalign.cluster import DRAIN
 from rayalign.serve import ONE_MODEL_BUILDER, app_args, build_app, serve_shutdown, serve_status
 from tests.conftest import SERVER_KEY, free_port
 from tests.serve_fixtures import (ADD, ENGINE, KEY_ENV, bad_requests, check_key_required,
@@ -35,6 +36,22 @@ def solo(tiny_model, ray_session, tmp_path_factory):
     info = serve_models(config, {"solo": str(tiny_model)}, detach=True)
     yield {**info, "config": config, "source": str(tiny_model)}
     serve_shutdown(config)
+    # Removed, its replica drained for the 2 s that rayalign gives a Ray it starts (the session's
+    # Ray here, tests/conftest.py), not for Serve's 30 s meant for outside load balancers.
+    logs = Path(ray_session._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    lines = [line for p in logs.glob("controller_*.log") for line in p.read_text().splitlines()
+             if f"deployment='LLMServer:solo', app='{config.serve.app_name}'" in line]
+    stopping = [stamp(line) for line in lines if "-- Stopping Replica" in line]
+    stopped = [stamp(line) for line in lines if line.endswith("is stopped.")]
+    assert len(stopping) == len(stopped) == 1, lines
+    assert stopped[0] - stopping[0] < 20, lines
+
+
+def stamp(line: str) -> float:
+    """The time of a Serve log line ("INFO 2026-12-04 18:51:12,509 controller ...")."""
+    from datetime import datetime
+
+    return datetime.strptime(" ".join(line.split()[1:3]), "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def test_one_model_is_its_own_ingress_and_answers_the_openai_api(solo):
@@ -51,6 +68,12 @@ def test_one_model_is_its_own_ingress_and_answers_the_openai_api(solo):
     assert len(pieces) >= 2 and "".join(pieces) == text, "streamed greedy answer = plain greedy answer"
     completion = c.completions.create(model="solo", prompt="hello world", max_tokens=6, temperature=0)
     assert completion.choices[0].text and completion.usage.prompt_tokens >= 2
+
+
+def test_the_replica_drains_for_2_s_behind_serves_own_haproxy(solo):
+    title = f"ServeReplica:{solo['config'].serve.app_name}:"  # the process title Ray gives it
+    replicas = [p for p in psutil.process_iter(["cmdline"]) if title in " ".join(p.info["cmdline"] or [])]
+    assert replicas and {p.environ().get(DRAIN) for p in replicas} == {"2"}
 
 
 def test_haproxy_holds_the_serve_port(solo):

@@ -59,8 +59,6 @@ def served_smollm2(smollm2, tmp_path_factory):
     run = tmp_path_factory.mktemp("smollm2_serve")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, not the session's
-    # Stopping is not under test here (test_serve_command.py tests it): drain for 2 s, not Serve's 30.
-    env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "2"
     cmd = [RAYALIGN, "serve", "--model", f"smollm2={smollm2}", f"run_dir={run}", f"serve.port={port}",
            "serve.ready_timeout_s=600", "cluster.num_cpus=6", f"serve.engine={json.dumps(SERVED_ENGINE)}"]
     log = run / "serve.log"
@@ -201,7 +199,8 @@ def test_summed_log_probs_agree_between_training_transformers_and_vllm(answers, 
         assert abs(t - p) <= bound and abs(v - p) <= bound and abs(t - v) <= bound, (len(a["token_ids"]), t, p, v)
 
 
-def test_clair_on_the_real_model_with_the_served_model_as_an_openai_reviser(served_smollm2, smollm2, ray_session, tmp_path):
+def test_clair_on_the_real_model_with_the_served_model_as_an_openai_reviser(served_smollm2, smollm2, ray_session, tmp_path,
+                                                                          tokenizer):
     """The API path end to end: the target answers on Ray Data + vLLM, the served model revises
     over HTTP in JSON (structured output), so every revision parses."""
     from rayalign.clair.pipeline import run_clair
@@ -232,4 +231,7 @@ def test_clair_on_the_real_model_with_the_served_model_as_an_openai_reviser(serv
     assert {r["reason"] for r in rejects} <= {"identical", "empty_revision", "answer_too_long", "revision_too_long"}
     for pair in pairs:
         assert pair["reviser"] == "openai:smollm2"
+        # The target's answer is the text of the token ids it generated, special tokens skipped.
+        ids = pair["metadata"]["rejected_token_ids"]
+        assert pair["rejected"][0]["content"] == tokenizer.decode(ids, skip_special_tokens=True)
         assert json.loads(pair["metadata"]["reviser_output"])["revision"].strip() == pair["chosen"][0]["content"]

@@ -40,9 +40,16 @@ def real_pairs(tmp_path_factory):
     return write_shard(pairs[:4], tmp_path_factory.mktemp("real_pairs") / "part-00000.jsonl")
 
 
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory):
+    """One reference cache for both runs: the same model, pairs and settings, so the second run
+    reuses the first one's reference log-probs (the reference pass is tested in test_train_ray)."""
+    return tmp_path_factory.mktemp("real_reference")
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_exported_checkpoint_keeps_its_tied_head_and_answers_alike_in_vllm_and_transformers(
-        zero_stage, smollm2, real_pairs, ray_session, tmp_path, tokenizer):
+        zero_stage, smollm2, real_pairs, reference_dir, ray_session, tmp_path, tokenizer):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
@@ -51,7 +58,8 @@ def test_exported_checkpoint_keeps_its_tied_head_and_answers_alike_in_vllm_and_t
 
     config = train_config(tmp_path / "run", smollm2, real_pairs, f"train.zero_stage={zero_stage}",
                           "train.batch_size=4", "train.micro_batch_size=2", "train.learning_rate=1e-5",
-                          "train.max_length=256", "train.max_prompt_length=128", "reference.batch_size=4")
+                          "train.max_length=256", "train.max_prompt_length=128", "reference.batch_size=4",
+                          f"reference.output={reference_dir}")
     final = Path(run_train(config)["final"])
 
     # Tied: one tensor for the embedding and the output layer, and it moved in training.
