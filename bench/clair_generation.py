@@ -102,7 +102,7 @@ def bench_rayalign(model: str, prompts: list[dict], max_tokens: int, dtype: str)
 
     engine = EngineConfig(dtype=dtype, max_model_len=512, gpu_memory_utilization=0.3, batch_size=64)
     sampling = SamplingConfig(temperature=0.7, max_tokens=max_tokens)
-    generate = chat_stage(model, engine, target_request(sampling), "answer", eos_token_id=2)
+    generate = chat_stage(model, engine, target_request(sampling), "answer")
     ds = generate(ray.data.from_items(make_units(prompts, 1, 0)))
     started = time.perf_counter()
     with PeakSampler(tree_rss) as sampler:

@@ -99,7 +99,7 @@ def sampling_params(req: dict) -> dict:
 
 
 def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict],
-               output_prefix: str, eos_token_id: int | None = None):
+               output_prefix: str):
     """A function from dataset to dataset: `request(row)` returns {"messages", "temperature", "max_tokens", "seed",
     "schema"} and optionally "top_p"; the output row is the input row plus `{prefix}_text`, `{prefix}_tokens` (the count),
     `{prefix}_token_ids` (the generated ids, eos included), `{prefix}_truncated` (hit max_tokens
@@ -116,13 +116,14 @@ def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict]
     def finish(row: dict) -> dict:
         error = row.get("__inference_error__") or ""
         tokens = list(row.get("generated_tokens") or [])
+        tokenizer = _tokenizer(model)
         truncated = (not error and len(tokens) >= row["_max_tokens"]
-                     and (not tokens or tokens[-1] != eos_token_id))
+                     and (not tokens or tokens[-1] != tokenizer.eos_token_id))
         keep = {k: v for k, v in row.items() if k not in _ENGINE_COLUMNS}
         # The answer's own tokens decoded, special tokens skipped. vLLM's text is decoded after
         # the prompt's tokens instead, and so starts with a separator for a tokenizer that puts
         # one between words (the student's word-level tokenizer).
-        text = answer_text(model, tokens) if tokens else ""
+        text = tokenizer.decode(tokens, skip_special_tokens=True) if tokens else ""
         return {**keep, f"{output_prefix}_text": text,
                 f"{output_prefix}_tokens": len(tokens), f"{output_prefix}_token_ids": [int(t) for t in tokens],
                 f"{output_prefix}_truncated": bool(truncated),
@@ -132,10 +133,6 @@ def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict]
     # as they are), so the outputs are built in a map that sees every row.
     processor = build_processor(config, preprocess=preprocess, postprocess=lambda row: row)
     return lambda ds: processor(ds).map(finish)
-
-
-def answer_text(model: str, token_ids: list[int]) -> str:
-    return _tokenizer(model).decode(token_ids, skip_special_tokens=True)
 
 
 @functools.lru_cache(maxsize=4)

@@ -139,8 +139,7 @@ def stream(config: RunConfig, pending: list[dict], total: int, out: Path) -> lis
     c = config.clair
     ray = connect(config.cluster, config.run_dir)
     ds = ray.data.from_items(pending)
-    generate = chat_stage(c.target_model, c.engine, stages.target_request(c.sampling), "answer",
-                          _eos_token_id(c.target_model))
+    generate = chat_stage(c.target_model, c.engine, stages.target_request(c.sampling), "answer")
     ds = generate(ds).map(stages.answer_outcome)
     if c.mode == "onpolicy_judge":
         ds = ds.groupby("prompt_id").map_groups(_two_samples)
@@ -188,7 +187,7 @@ def ask(config: RunConfig, ds, request):
     if r.backend == "vllm":
         from rayalign.llm import chat_stage
 
-        ds = chat_stage(r.model, r.engine, request, "reply", _eos_token_id(r.model))(ds)
+        ds = chat_stage(r.model, r.engine, request, "reply")(ds)
         return ds.map(lambda row: {**row, "reviser_tokens": row["reply_tokens"]})
     import ray
 
@@ -228,12 +227,6 @@ def _judged(batch: dict, structured: bool) -> dict:
     row = stages.judge_outcome(rows[0], rows[1], structured)
     row["reviser_tokens"] = rows[0]["reviser_tokens"] + rows[1]["reviser_tokens"]
     return _columns([row])
-
-
-def _eos_token_id(model: str) -> int | None:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model).eos_token_id
 
 
 def reviser_name(config: RunConfig) -> str:

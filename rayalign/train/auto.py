@@ -118,7 +118,7 @@ def _judged_rows(config: RunConfig, units: list[dict]) -> list[dict]:
     """The policy answers each unit on vLLM; the CLAIR judge compares that answer (`answer`)
     with the winner (`answer_b`)."""
     from rayalign.clair import stages
-    from rayalign.clair.pipeline import _eos_token_id, revise
+    from rayalign.clair.pipeline import revise
     from rayalign.cluster import connect
     from rayalign.llm import chat_stage
 
@@ -126,8 +126,7 @@ def _judged_rows(config: RunConfig, units: list[dict]) -> list[dict]:
     greedy = dataclasses.replace(clair.sampling, temperature=0.0, n=1)
     ray = connect(config.cluster, config.run_dir)
     ds = ray.data.from_items(units)
-    generate = chat_stage(config.train.model, clair.engine, stages.target_request(greedy), "answer",
-                          _eos_token_id(config.train.model))
+    generate = chat_stage(config.train.model, clair.engine, stages.target_request(greedy), "answer")
     ds = generate(ds).map(stages.answer_outcome).map(lambda row: {**row, "answer_b": row["winner"]})
     judging = dataclasses.replace(config, clair=dataclasses.replace(clair, mode="onpolicy_judge"))
     return revise(judging, ds).take_all()
