@@ -10,8 +10,9 @@ setup:
 demo: setup
 	$(VENV)/bin/rayalign demo
 
-test: setup
-	@scripts/setup-browser.sh
+# The browser (apt) installs while setup.sh builds .venv.
+test:
+	@scripts/setup-browser.sh & browser=$$!; RAYALIGN_VENV=$(VENV) scripts/setup.sh && wait $$browser
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Benchmarks (see BENCHMARKS.md); TRL goes into bench/.deps only, not into .venv.
