@@ -67,22 +67,40 @@ def processor_config(model: str, engine: EngineConfig):
     replica, the number of replicas and rows per batch."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
+    kwargs, env = engine_kwargs(engine), {}
+    if _one_cpu_worker(engine, kwargs):
+        # The model runs in the engine core's process instead of a worker process of its own, as
+        # vLLM runs one GPU: one process fewer to spawn and import vLLM into (about 7 s of each
+        # engine start on 2 idle cores, 14 s on busy ones). vLLM's CPU platform replaces `uni`
+        # with its process-per-worker executor unless V1 multiprocessing is off in the process
+        # that builds the engine's config; the engine core still runs in a process of its own.
+        kwargs["distributed_executor_backend"] = "uni"
+        env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
     return vLLMEngineProcessorConfig(
         model_source=model,
-        engine_kwargs=engine_kwargs(engine),
+        engine_kwargs=kwargs,
+        runtime_env=env or None,
         placement_group_config=placement(engine),
         concurrency=engine.concurrency,
         batch_size=engine.batch_size,
         # A row the engine cannot answer (a prompt longer than the context) becomes an error
         # column, so it can go to rejects instead of failing the whole run.
         should_continue_on_error=True,
-        # vLLM tokenizes the rendered prompt as the tokenize stage would (special tokens
-        # added), and `chat_stage` decodes the answer in its own map; each of the two stages is
-        # one more pool of actors loading the tokenizer at every run's start (about 10 s of a
-        # tiny model's run on 2 cores).
+        # `chat_stage` renders the chat template in its preprocess map, vLLM tokenizes the
+        # prompt as the tokenize stage would (special tokens added), and `chat_stage` decodes the
+        # answer in its own map: each of these three stages is one more pool of actors loading
+        # the tokenizer at every run's start (about 5 s each of a tiny model's run on 2 cores).
+        chat_template_stage=False,
         tokenize_stage=False,
         detokenize_stage=False,
     )
+
+
+def _one_cpu_worker(engine: EngineConfig, kwargs: dict) -> bool:
+    """Whether a batch engine runs its model on one CPU worker, where vLLM's executor is left to
+    rayalign (a user's `engine_args.distributed_executor_backend` is theirs)."""
+    workers = int(kwargs.get("tensor_parallel_size", 1)) * int(kwargs.get("pipeline_parallel_size", 1))
+    return not engine.gpus_per_engine and workers == 1 and "distributed_executor_backend" not in kwargs
 
 
 def sampling_params(req: dict) -> dict:
@@ -110,7 +128,7 @@ def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict]
 
     def preprocess(row: dict) -> dict:
         req = request(row)
-        return {**row, "messages": req["messages"], "sampling_params": sampling_params(req),
+        return {**row, "prompt": render(model, req["messages"]), "sampling_params": sampling_params(req),
                 "_max_tokens": req["max_tokens"]}
 
     def finish(row: dict) -> dict:
@@ -133,6 +151,15 @@ def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict]
     # as they are), so the outputs are built in a map that sees every row.
     processor = build_processor(config, preprocess=preprocess, postprocess=lambda row: row)
     return lambda ds: processor(ds).map(finish)
+
+
+def render(model: str, messages: list[dict]) -> str:
+    """The prompt text for `messages` by the model's chat template, as ray.data.llm's chat template
+    stage renders it: with the generation prompt after a user turn, continuing an assistant turn
+    that ends the list."""
+    ends_with_user = messages[-1]["role"] == "user"
+    return _tokenizer(model).apply_chat_template(messages, tokenize=False, add_generation_prompt=ends_with_user,
+                                                 continue_final_message=not ends_with_user)
 
 
 @functools.lru_cache(maxsize=4)

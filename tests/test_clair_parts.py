@@ -297,3 +297,40 @@ def test_every_engine_field_reaches_vllms_engine_arguments_or_rays_placement():
     # engine_args override what the fields derive.
     override = dataclasses.replace(engine, engine_args={"max_model_len": 444})
     assert llm.processor_config("/models/m", override).engine_kwargs["max_model_len"] == 444
+
+
+def test_the_prompt_is_rendered_by_the_models_chat_template_as_rays_stage_renders_it(smollm2):
+    from transformers import AutoTokenizer
+
+    from rayalign import llm
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    asked = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    prompt = llm.render(smollm2, asked)
+    assert prompt == tokenizer.apply_chat_template(asked, tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")
+    # An assistant turn that ends the list is continued, not closed (a prefill).
+    prefilled = llm.render(smollm2, [*asked, {"role": "assistant", "content": "Blu"}])
+    assert prefilled == prompt + "Blu"
+    # vLLM is configured to render nothing itself: no chat template, tokenize or detokenize stage.
+    from rayalign.config import EngineConfig
+
+    config = llm.processor_config(str(smollm2), EngineConfig())
+    assert (config.chat_template_stage, config.tokenize_stage, config.detokenize_stage) == (False, False, False)
+
+
+def test_a_one_worker_cpu_engine_runs_its_model_in_the_engine_core_process():
+    from rayalign import llm
+    from rayalign.config import EngineConfig
+
+    config = llm.processor_config("/models/m", EngineConfig())
+    assert config.engine_kwargs["distributed_executor_backend"] == "uni"
+    # vLLM's CPU platform keeps `uni` only where V1 multiprocessing is off in the engine's actor.
+    assert config.runtime_env == {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+    # GPUs, several workers, or the user's own executor: vLLM's choice or the user's, no env.
+    for engine in (EngineConfig(gpus_per_engine=1), EngineConfig(tensor_parallel_size=2),
+                   EngineConfig(engine_args={"pipeline_parallel_size": 2}),
+                   EngineConfig(engine_args={"distributed_executor_backend": "mp"})):
+        config = llm.processor_config("/models/m", engine)
+        assert config.engine_kwargs.get("distributed_executor_backend") == engine.engine_args.get(
+            "distributed_executor_backend") and not config.runtime_env
