@@ -162,9 +162,12 @@ def openai_server(tiny_model, tmp_path_factory):
     cmd = [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", "1024", "--gpu-memory-utilization", "0.1", "--api-key", SERVER_KEY,
-           "--enforce-eager", "--no-enable-chunked-prefill", "--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}']
+           "--enforce-eager", "--no-enable-chunked-prefill", "--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}',
+           # The model in the engine core's process, as rayalign's batch engines run it on CPU.
+           "--distributed-executor-backend", "uni"]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 400
     while time.time() < deadline:
