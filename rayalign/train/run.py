@@ -209,9 +209,8 @@ def detect_precision(config: RunConfig) -> str:
 
 
 def _run_id(config: RunConfig, data_fingerprint: str, precision: str) -> str:
-    shape = {k: v for k, v in dataclasses.asdict(config.train).items() if k not in _NOT_IN_RUN_ID}
-    shape.update(data=data_fingerprint, precision=precision, on_the_fly=config.reference.on_the_fly,
-                 reference=config.reference.model)
+    """A digest of `shaping_fields`: a run finished with the same id is reused as it is."""
+    shape = shaping_fields(config, data_fingerprint, precision)
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
 
 
