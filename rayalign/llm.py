@@ -148,9 +148,14 @@ def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict]
                 f"{output_prefix}_error": str(error)}
 
     # Rows the engine failed on skip the processor's postprocess (ray.data.llm returns them
-    # as they are), so the outputs are built in a map that sees every row.
-    processor = build_processor(config, preprocess=preprocess, postprocess=lambda row: row)
-    return lambda ds: processor(ds).map(finish)
+    # as they are), so the outputs are built in a map that sees every row. Each of the two maps
+    # runs as many tasks at a time as there are engines, as ray.data.llm's stages that they
+    # replace ran actors: each task's process imports transformers and loads the tokenizer
+    # once, and on 2 cores four of them at a time starved the engine's start.
+    at_once = {"concurrency": engine.concurrency}
+    processor = build_processor(config, preprocess=preprocess, postprocess=lambda row: row,
+                                preprocess_map_kwargs=at_once, postprocess_map_kwargs=at_once)
+    return lambda ds: processor(ds).map(finish, **at_once)
 
 
 def render(model: str, messages: list[dict]) -> str:
