@@ -1,18 +1,19 @@
 # The README's two commands: `make demo` and `make test`. Both set up .venv first.
 VENV ?= .venv
 PYTEST_ARGS ?=
+SETUP = RAYALIGN_VENV=$(VENV) scripts/setup.sh
 
 .PHONY: setup demo test bench clean
 
 setup:
-	@RAYALIGN_VENV=$(VENV) scripts/setup.sh
+	@$(SETUP)
 
 demo: setup
 	$(VENV)/bin/rayalign demo
 
 # The browser (apt) installs while setup.sh builds .venv.
 test:
-	@scripts/setup-browser.sh & browser=$$!; RAYALIGN_VENV=$(VENV) scripts/setup.sh && wait $$browser
+	@scripts/setup-browser.sh & browser=$$!; $(SETUP) && wait $$browser
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Benchmarks (see BENCHMARKS.md); TRL goes into bench/.deps only, not into .venv.

@@ -70,8 +70,8 @@ def processor_config(model: str, engine: EngineConfig):
     kwargs, env = engine_kwargs(engine), {}
     if _one_cpu_worker(engine, kwargs):
         # The model runs in the engine core's process instead of a worker process of its own, as
-        # vLLM runs one GPU: one process fewer to spawn and import vLLM into (about 7 s of each
-        # engine start on 2 idle cores, 14 s on busy ones). vLLM's CPU platform replaces `uni`
+        # vLLM runs one GPU: one process fewer to spawn and import vLLM into (about 13 s of each
+        # engine start on 2 cores). vLLM's CPU platform replaces `uni`
         # with its process-per-worker executor unless V1 multiprocessing is off in the process
         # that builds the engine's config; the engine core still runs in a process of its own.
         kwargs["distributed_executor_backend"] = "uni"
