@@ -3,15 +3,18 @@ policy beats the winners, measured with the real policy on vLLM and the configur
 
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from rayalign import records
+from rayalign import events, records
 from rayalign.config import ConfigError, load_config
 from rayalign.tasks import addition_prompts
-from rayalign.train.auto import CHOICE_FILE, choose_loss, decide, resolve_loss
+from rayalign.train.auto import (ANSWERS_FILE, CHOICE_FILE, answer_inputs, choose_loss, decide, resolve_loss,
+                                 saved_answers)
 from tests.conftest import SERVER_KEY
 from tests.test_clair import ENGINE
 
@@ -41,7 +44,8 @@ def make_run(tmp_path, student, ray_session, chosen_of, reviser=None, sample=24)
 
 
 @pytest.mark.integration
-def test_correct_winners_choose_apo_zero(tmp_path, student, ray_session):
+def test_the_choice_follows_the_winners_and_other_pairs_reuse_the_policys_answers(tmp_path, student, ray_session,
+                                                                                   capsys):
     # The winners are the reference answers: the partly-right student can at best tie them.
     config = make_run(tmp_path, student, ray_session, chosen_of=lambda p: p["reference"])
     evidence = choose_loss(config)
@@ -60,18 +64,40 @@ def test_correct_winners_choose_apo_zero(tmp_path, student, ray_session):
         os.utime(path)
     assert resolve_loss(config).train.loss == "apo_zero"
     assert (tmp_path / "run" / "train" / CHOICE_FILE).stat().st_mtime_ns == stamp
+    assert "loss auto: 24 policy answers generated, 0 reused" in capsys.readouterr().out
 
-
-@pytest.mark.integration
-def test_wrong_winners_choose_apo_down(tmp_path, student, ray_session):
-    # The winners answer in words, not digits: the student's four digits are always closer.
+    # Other pairs for the same prompts, whose winners answer in words, not digits: the student's
+    # four digits are always closer. Only the pairs changed, so the policy's answers are reused
+    # and no engine starts.
+    shutil.rmtree(tmp_path / "pairs")
+    shutil.rmtree(tmp_path / "prompts")
     config = make_run(tmp_path, student, ray_session, chosen_of=lambda p: "no idea at all")
+    started = time.time()
     evidence = choose_loss(config)
     assert evidence["choice"] == "apo_down"
     assert evidence["chosen_wins"] == 0
     assert evidence["policy_wins"] > 12
     assert evidence["policy_wins"] + evidence["ties"] + sum(evidence["unscored"].values()) == 24
     assert "the policy's own answers beat the chosen answers" in evidence["reason"]
+    assert "loss auto: 0 policy answers generated, 24 reused" in capsys.readouterr().out
+    assert [e for e in events.read(os.environ[events.ENV]) if e["kind"] == "engine" and e["time"] >= started] == []
+
+
+def test_saved_policy_answers_are_reused_only_for_the_same_model_engine_and_max_tokens(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"train": {"model": str(tmp_path / "model"), "loss": "auto"}}))
+    config = load_config(path)
+    inputs = answer_inputs(config)
+    saved = tmp_path / ANSWERS_FILE
+    saved.write_text(json.dumps({"inputs": inputs, "answers": {"p": {"answer_text": "1 2 3 4"}}}))
+    assert saved_answers(saved, answer_inputs(config)) == {"p": {"answer_text": "1 2 3 4"}}
+    for change in ("clair.sampling.max_tokens=6", "clair.engine.dtype=bfloat16", "clair.engine.max_model_len=128"):
+        assert saved_answers(saved, answer_inputs(load_config(path, [change]))) == {}, change
+    (tmp_path / "model" / "config.json").write_text('{"changed": 1}')
+    assert saved_answers(saved, answer_inputs(config)) == {}
+    assert saved_answers(tmp_path / "missing.json", inputs) == {}
 
 
 @pytest.mark.integration

@@ -15,7 +15,9 @@ pairs whose winners are worse than the model. Which case holds is measured befor
 
 The evidence and the choice go to `<train.output>/loss_choice.json` and the terminal. The file
 is reused while the model and the pair file (by content), the judge and the sample size stay
-the same, so a resumed run keeps its choice.
+the same, so a resumed run keeps its choice. The policy's answers go to
+`<train.output>/policy_answers.json` and are reused while the model, its engine and max_tokens
+stay the same: a choice for other pairs or another judge sends only new prompts to vLLM.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from rayalign.config import ConfigError, RunConfig
 from rayalign.stage import tree_digest
 
 CHOICE_FILE = "loss_choice.json"
+ANSWERS_FILE = "policy_answers.json"
 
 
 def decide(chosen_wins: int, policy_wins: int) -> tuple[str, str]:
@@ -116,20 +119,52 @@ def choose_loss(config: RunConfig) -> dict:
 
 def _judged_rows(config: RunConfig, units: list[dict]) -> list[dict]:
     """The policy answers each unit on vLLM; the CLAIR judge compares that answer (`answer`)
-    with the winner (`answer_b`)."""
+    with the winner (`answer_b`). The policy's answers are kept in `<train.output>/ANSWERS_FILE`
+    and reused while the model, its engine and max_tokens stay the same: with other pairs (or
+    another judge) only the prompts not answered yet go to vLLM."""
     from rayalign.clair import stages
     from rayalign.clair.pipeline import revise
     from rayalign.cluster import connect
     from rayalign.llm import chat_stage
 
     clair = config.clair
-    greedy = dataclasses.replace(clair.sampling, temperature=0.0, n=1)
+    path = Path(config.train.output) / ANSWERS_FILE
+    inputs = answer_inputs(config)
+    answers = saved_answers(path, inputs)
+    todo = [u for u in units if u["prompt_json"] not in answers]
     ray = connect(config.cluster, config.run_dir)
-    ds = ray.data.from_items(units)
-    generate = chat_stage(config.train.model, clair.engine, stages.target_request(greedy), "answer")
-    ds = generate(ds).map(stages.answer_outcome).map(lambda row: {**row, "answer_b": row["winner"]})
+    if todo:
+        greedy = dataclasses.replace(clair.sampling, temperature=0.0, n=1)
+        generate = chat_stage(config.train.model, clair.engine, stages.target_request(greedy), "answer")
+        for row in generate(ray.data.from_items(todo)).take_all():
+            answers[row["prompt_json"]] = {k: _plain(v) for k, v in row.items() if k.startswith("answer_")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A failed generation is judged as failed in this run, and tried again in the next.
+        kept = {prompt: answer for prompt, answer in answers.items() if not answer["answer_error"]}
+        path.write_text(json.dumps({"inputs": inputs, "answers": kept}))
+    print(f"rayalign train: loss auto: {len(todo)} policy answers generated, {len(units) - len(todo)} "
+          f"reused (from {path})")
+    rows = [{**unit, **answers[unit["prompt_json"]], "answer_b": unit["winner"]} for unit in units]
+    ds = ray.data.from_items(rows).map(stages.answer_outcome)
     judging = dataclasses.replace(config, clair=dataclasses.replace(clair, mode="onpolicy_judge"))
     return revise(judging, ds).take_all()
+
+
+def answer_inputs(config: RunConfig) -> dict:
+    """What the policy's greedy answers depend on: the model's files, its engine and max_tokens."""
+    engine = json.loads(json.dumps(dataclasses.asdict(config.clair.engine), default=str))
+    return {"model": tree_digest(config.train.model), "max_tokens": config.clair.sampling.max_tokens, "engine": engine}
+
+
+def saved_answers(path: Path, inputs: dict) -> dict:
+    """The answers saved in `path` by prompt, if they were made from `inputs`; else none."""
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    return saved.get("answers", {}) if saved.get("inputs") == inputs else {}
+
+
+def _plain(value):
+    """A value of a Ray Data row as JSON can hold it (arrays as lists)."""
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def _verdict(row: dict) -> str:
