@@ -8,6 +8,7 @@ imported into two modules would be two fixtures, and the deployment would start 
 """
 
 import json
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -42,9 +43,36 @@ def served(tiny_model, student, ray_session, tmp_path_factory):
     config = load_config(path)
     models = {"base": str(tiny_model), "aligned": str(student)}
     info = serve_models(config, models, detach=True)
-    stop_when_unused("served", lambda: serve_shutdown(config))
+
+    def stop():
+        serve_shutdown(config)
+        assert_replicas_stopped_within(ray_session, config.serve.app_name, 20)
+
+    stop_when_unused("served", stop)
     yield {**info, "config": config, "config_path": path, "key": SERVER_KEY, "sources": models}
     stop_now("served")
+
+
+def assert_replicas_stopped_within(ray_session, app: str, seconds: float) -> None:
+    """The removed application's replicas each stopped within `seconds` of being told to: they
+    drained for the 2 s that rayalign gives a Ray it starts (the session's Ray here,
+    tests/conftest.py), not for Serve's 30 s meant for outside load balancers."""
+    logs = Path(ray_session._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    lines = [line for p in logs.glob("controller_*.log") for line in p.read_text().splitlines()
+             if f"app='{app}'" in line]
+    replica = re.compile(r"Replica\(id='(\w+)', deployment='([^']+)'")
+    stopping = {replica.search(line).groups(): stamp(line) for line in lines if "-- Stopping Replica" in line}
+    stopped = {replica.search(line).groups(): stamp(line) for line in lines if line.endswith("is stopped.")}
+    assert stopping.keys() == stopped.keys(), lines
+    assert {deployment for _, deployment in stopped} >= {"LLMServer:base", "LLMServer:aligned"}, lines
+    assert all(stopped[r] - stopping[r] < seconds for r in stopping), lines
+
+
+def stamp(line: str) -> float:
+    """The time of a Serve log line ("INFO 2026-12-04 18:51:12,509 controller ...")."""
+    from datetime import datetime
+
+    return datetime.strptime(" ".join(line.split()[1:3]), "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def client(served, key=SERVER_KEY):

@@ -93,17 +93,14 @@ def test_verifier_pairs_exactly_once_after_a_kill(tmp_path, student, ray_session
         run_clair(config)
     assert sorted(p.name for p in out.rglob("part-*")) == files
     # A new prompt id added to the file is sent with the units the kill left unwritten, and
-    # nothing else: first the 10 that clair.limit allows, then the rest (--limit overrides it).
+    # nothing else (clair.limit and --limit in a real run: test_onpolicy_judge_with_the_verifier
+    # and test_stronger_preferred_with_the_verifier).
     added = addition_prompts(1, seed=77)[0]
     assert added["id"] not in {p["id"] for p in prompts}
     shutil.rmtree(tmp_path / "prompts")
     records.write_rows([*prompts, added], tmp_path / "prompts", "jsonl")
-    limited = load_config(path, ["clair.limit=10"])
-    first = run_clair(limited)
-    assert first["this_run"]["pairs"] + first["this_run"]["rejects"] == 10
-    assert sum(len(part) for part in outputs(out)) == before + 10
-    summary = run_clair(limited, limit=len(prompts) + 1)
-    assert summary["this_run"]["pairs"] + summary["this_run"]["rejects"] == len(prompts) + 1 - before - 10
+    summary = run_clair(config)
+    assert summary["this_run"]["pairs"] + summary["this_run"]["rejects"] == len(prompts) + 1 - before
     prompts.append(added)
     pairs, rejects = assert_exactly_once(out, [p["id"] for p in prompts])
     reference = {p["id"]: p["reference"] for p in prompts}
@@ -234,9 +231,13 @@ def test_onpolicy_judge_with_an_llm_judge(tmp_path, student, ray_session, openai
 
 
 def test_onpolicy_judge_with_the_verifier(tmp_path, student, ray_session):
-    prompts = addition_prompts(10, seed=41)
-    _, config = setup_run(tmp_path, student, ray_session, prompts, mode="onpolicy_judge", sampling={"n": 2})
-    run_clair(config)
+    prompts = addition_prompts(12, seed=41)
+    # clair.limit caps the units a run attempts, in file order: in judge mode a unit is a prompt.
+    _, config = setup_run(tmp_path, student, ray_session, prompts, mode="onpolicy_judge", sampling={"n": 2},
+                          limit=10)
+    summary = run_clair(config)
+    assert summary["this_run"]["pairs"] + summary["this_run"]["rejects"] == 10
+    prompts = prompts[:10]
     pairs, rejects = assert_exactly_once(tmp_path / "run" / "clair", [p["id"] for p in prompts])
     # At temperature 1 and top_p 1 the two samples of a prompt differ, for some prompts at least
     # (the control of the top_p test below).
@@ -252,9 +253,11 @@ def test_stronger_preferred_with_the_verifier(tmp_path, student, ray_session):
     prompts = addition_prompts(6, seed=51)
     # clair.sampling.top_p reaches vLLM: at temperature 1, a top_p this small leaves one token to
     # choose from at every step, so the two samples of a prompt (seeds of their own) are the same.
+    # --limit (run_clair's limit) overrides clair.limit: all 12 units (6 prompts, 2 samples each).
     _, config = setup_run(tmp_path, student, ray_session, prompts, mode="stronger_preferred",
-                          sampling={"n": 2, "top_p": 1e-6})
-    run_clair(config)
+                          sampling={"n": 2, "top_p": 1e-6}, limit=1)
+    summary = run_clair(config, limit=12)
+    assert summary["this_run"]["pairs"] + summary["this_run"]["rejects"] == 12
     pairs, rejects = assert_exactly_once(tmp_path / "run" / "clair", [f"{p['id']}#{k}" for p in prompts for k in (0, 1)])
     reference = {p["id"]: p["reference"] for p in prompts}
     assert all(p["chosen"] == reference[p["metadata"]["prompt_id"]] and p["source"] == "stronger_preferred"

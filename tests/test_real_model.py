@@ -3,8 +3,10 @@ own, a chat template that adds a default system prompt, eos `<|im_end|>` that is
 token, tied embeddings, grouped-query attention) from generation through training to serving.
 
 One copy of the model is served for the module by `rayalign serve` as a user runs it (a command
-with its own Ray, HAProxy and vLLM engine); it answers the questions, returns its token ids and
-scores completions. The trained and exported model is tested in test_real_model_export.py.
+with its own Ray, HAProxy and vLLM engine, behind an API key); it answers the questions, returns
+its token ids and scores completions. The same command is then tested as a deployment (one model
+as its own ingress, the key, bad requests, the Serve config it writes) and, last, stopped with
+SIGTERM. The trained and exported model is tested in test_real_model_export.py.
 
 Log-probs are compared within 1e-4 nats per completion token. All three computations are fp32
 but sum in different orders (vLLM's CPU attention and GEMMs, transformers' batched SDPA with
@@ -17,6 +19,8 @@ import os
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,14 +28,19 @@ import openai
 import psutil
 import pytest
 import torch
+import yaml
 
 from rayalign import events
 from rayalign.clair import stages, verifier
 from rayalign.clair.outcomes import pair_row
+from rayalign.cluster import DRAIN, engine_core_split
+from rayalign.config import load_config
 from rayalign.questions import question_prompts
 from rayalign.records import prompt_messages, question_text
+from rayalign.serve import ONE_MODEL_BUILDER, app_args, build_app
 from rayalign.train.data import encode_pair, encode_prompt
-from tests.conftest import PYTHON, free_port, kill_command
+from tests.conftest import PYTHON, SERVER_KEY, free_port, kill_command
+from tests.serve_fixtures import KEY_ENV, bad_requests, check_key_required, check_refused_then_served
 
 pytestmark = pytest.mark.integration
 
@@ -55,25 +64,31 @@ def tokenizer(smollm2):
 
 @pytest.fixture(scope="module")
 def served_smollm2(smollm2, tmp_path_factory):
-    """`rayalign serve --model smollm2=DIR` in its own process group, until the module ends."""
+    """`rayalign serve --model smollm2=DIR` as a user runs it in a terminal: a command in its own
+    process group with its own Ray, HAProxy and vLLM engine, behind the API key in KEY_ENV, until
+    the module's last test stops it with SIGTERM (or the module ends)."""
     run = tmp_path_factory.mktemp("smollm2_serve")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, not the session's
-    cmd = [RAYALIGN, "serve", "--model", f"smollm2={smollm2}", f"run_dir={run}", f"serve.port={port}",
-           "serve.ready_timeout_s=600", "cluster.num_cpus=6", f"serve.engine={json.dumps(SERVED_ENGINE)}"]
+    overrides = [f"run_dir={run}", f"serve.port={port}", "serve.ready_timeout_s=600", "cluster.num_cpus=6",
+                 f"serve.api_key_env={KEY_ENV}", f"serve.engine={json.dumps(SERVED_ENGINE)}"]
     log = run / "serve.log"
     started = time.time()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen([RAYALIGN, "serve", "--model", f"smollm2={smollm2}", *overrides], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 700
-    while f"serving smollm2 at {base_url}" not in log.read_text():
+    while f"serving smollm2 at {base_url} (Ctrl-C to stop" not in log.read_text():
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(2)
     tree = psutil.Process(proc.pid).children(recursive=True)
-    client = openai.OpenAI(base_url=base_url, api_key="EMPTY", max_retries=2, timeout=300)
-    yield {"base_url": base_url, "client": client, "log": log, "started": started}
-    proc.send_signal(signal.SIGTERM)
+    client = openai.OpenAI(base_url=base_url, api_key=SERVER_KEY, max_retries=2, timeout=300)
+    yield {"base_url": base_url, "url": base_url.removesuffix("/v1"), "client": client, "log": log,
+           "started": started, "proc": proc, "tree": tree, "run": run, "source": str(smollm2),
+           "config": load_config(None, overrides)}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(180)
     finally:
@@ -235,3 +250,130 @@ def test_clair_on_the_real_model_with_the_served_model_as_an_openai_reviser(serv
         ids = pair["metadata"]["rejected_token_ids"]
         assert pair["rejected"][0]["content"] == tokenizer.decode(ids, skip_special_tokens=True)
         assert json.loads(pair["metadata"]["reviser_output"])["revision"].strip() == pair["chosen"][0]["content"]
+
+
+# The served command as a deployment: one model as its own ingress (`rayalign.serve:build_app`),
+# behind the key, refusing bad requests, and the Serve config it wrote. Then, last in the module,
+# SIGTERM stops it and its Ray. (Its Ray is its own: the checks below read its processes and logs.)
+
+def replicas(served: dict) -> list[psutil.Process]:
+    """The command's Serve replicas, by the process title Ray gives them."""
+    title = f"ServeReplica:{served['config'].serve.app_name}:"
+    return [p for p in served["tree"] if p.is_running() and title in " ".join(p.cmdline())]
+
+
+def test_one_model_is_its_own_ingress_and_answers_the_openai_api(served_smollm2):
+    # One replica, the model's own deployment: no ingress deployment in front of it.
+    titles = [" ".join(p.cmdline()) for p in replicas(served_smollm2)]
+    app = served_smollm2["config"].serve.app_name
+    assert len(titles) == 1 and titles[0].startswith(f"ray::ServeReplica:{app}:LLMServer:smollm2"), titles
+    c = served_smollm2["client"]
+    assert [m.id for m in c.models.list().data] == ["smollm2"]
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = c.chat.completions.create(model="smollm2", messages=ask, max_tokens=8, temperature=0)
+    text = chat.choices[0].message.content
+    assert chat.model == "smollm2" and chat.usage.completion_tokens >= 1 and text
+    stream = c.chat.completions.create(model="smollm2", messages=ask, max_tokens=8, temperature=0, stream=True)
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len(pieces) >= 2 and "".join(pieces) == text, "streamed greedy answer = plain greedy answer"
+    completion = c.completions.create(model="smollm2", prompt="hello world", max_tokens=6, temperature=0)
+    assert completion.choices[0].text and completion.usage.prompt_tokens >= 2
+    forced = c.chat.completions.create(model="smollm2", messages=ask, max_tokens=4, temperature=0.0,
+                                       extra_body={"min_tokens": 4})
+    assert forced.usage.completion_tokens == 4
+
+
+def test_the_replica_drains_for_2_s_behind_haproxy_on_the_serve_port(served_smollm2):
+    """On a Ray that rayalign starts, Serve's HTTP ingress is HAProxy, not the Python proxy actor,
+    and a replica drains for 2 s, not for Serve's 30 s meant for outside load balancers."""
+    assert {p.environ().get(DRAIN) for p in replicas(served_smollm2)} == {"2"}
+    port = served_smollm2["config"].serve.port
+    owners = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
+              if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
+    assert owners == {"haproxy"}
+
+
+def test_one_model_requires_the_key_and_never_logs_it(served_smollm2):
+    check_key_required(served_smollm2, "smollm2")
+    # Not in the command's console, the Ray logs it keeps in its run directory, or its outputs.
+    run = served_smollm2["run"]
+    assert (run / "logs").is_symlink()
+    files = [p for folder in (run, (run / "logs").resolve()) for p in folder.rglob("*") if p.is_file()]
+    assert len([p for p in files if p.suffix in (".log", ".out", ".err")]) > 10
+    assert [p.name for p in files if SERVER_KEY.encode() in p.read_bytes()] == []
+
+
+BAD_REQUESTS = bad_requests("smollm2", unknown_model_message="The model `nope` does not exist")
+
+
+@pytest.mark.parametrize("name,path,body,raw,status,message", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_one_model_bad_request_gets_a_4xx_and_it_keeps_serving(served_smollm2, name, path, body, raw, status, message):
+    check_refused_then_served(served_smollm2, "smollm2", path, body, raw, status, message)
+
+
+def test_the_written_serve_config_deploys_the_same_app(served_smollm2):
+    from ray.serve.schema import ServeDeploySchema
+
+    config = served_smollm2["config"]
+    config_file = served_smollm2["run"] / "serve" / "serve_config.yaml"
+    assert f"Serve config written to {config_file}" in served_smollm2["log"].read_text()
+    text = config_file.read_text()
+    assert SERVER_KEY not in text and KEY_ENV in text
+    (app,) = ServeDeploySchema.model_validate(yaml.safe_load(text)).applications
+    assert app.import_path == ONE_MODEL_BUILDER and app.name == config.serve.app_name
+    assert app.args == app_args(config.serve, {"smollm2": served_smollm2["source"]})
+    assert app.args["llm_config"]["model_loading_config"] == {"model_id": "smollm2",
+                                                              "model_source": str(Path(served_smollm2["source"]).resolve())}
+    assert app.args["api_key_env"] == KEY_ENV
+    assert build_app(app.args) is not None  # the keyed server class imports by its path
+
+
+def thread_cpus(processes: list[psutil.Process]) -> set[frozenset[int]]:
+    """The distinct CPU sets that the threads of `processes` may run on."""
+    found = set()
+    for process in processes:
+        try:
+            threads = process.threads()
+        except psutil.NoSuchProcess:
+            continue
+        for thread in threads:
+            try:
+                found.add(frozenset(os.sched_getaffinity(thread.id)))
+            except OSError:  # ended meanwhile
+                pass
+    return found
+
+
+def test_the_serve_command_keeps_its_model_worker_apart_then_stops_its_ray_on_sigterm(served_smollm2):
+    """Last in the module: it stops the served command."""
+    proc, tree, log = served_smollm2["proc"], served_smollm2["tree"], served_smollm2["log"]
+    # Everything this command started: its Ray (GCS, raylet, workers), the engine, HAProxy.
+    assert "haproxy" in {p.name() for p in tree}
+    assert any(p.name() == "raylet" for p in tree)
+
+    # The model worker has its CPUs to itself; every other thread of the command runs elsewhere.
+    split = engine_core_split()
+    if split is None:  # a one-CPU machine: nothing to keep apart
+        assert "model workers on CPUs" not in log.read_text()
+    else:
+        engine, rest = split
+        assert f"vLLM's model workers on CPUs {engine}, Ray's processes on {rest}" in log.read_text()
+        workers = [p for p in tree if p.name() == "VLLM::Worker"]
+        assert len(workers) == 1
+        assert thread_cpus(workers) == {frozenset(engine)}
+        others = [psutil.Process(proc.pid)] + [p for p in tree if p not in workers]
+        assert thread_cpus(others) == {frozenset(rest)}
+
+    proc.send_signal(signal.SIGTERM)  # what `kill` sends; Ctrl-C takes the same path
+    stopped = time.time()
+    assert proc.wait(180) == 0, log.read_text()[-3000:]
+    seconds = time.time() - stopped
+    text = log.read_text()
+    # Its own Ray goes with everything in it, without Serve's half-minute drain.
+    assert "stopping: 'rayalign' stops with the Ray this command started" in text
+    assert "rayalign serve: stopped serving smollm2" in text and "Traceback" not in text
+    gone, alive = psutil.wait_procs(tree, timeout=60)
+    assert not alive, [f"{p.pid} {p.name()}" for p in alive]
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"{served_smollm2['base_url']}/models", timeout=5)
+    assert seconds < 25, f"stopping took {seconds:.0f} s"

@@ -1,6 +1,6 @@
 """Stopping a command: SIGTERM (what `kill` sends; Ctrl-C takes the same path) while it starts its
 Ray ends it within seconds, says so in one line without a traceback, and leaves no process of
-the Ray it started. (`rayalign serve` in the foreground: tests/test_serve_command.py.)"""
+the Ray it started. (`rayalign serve` in the foreground: tests/test_real_model.py.)"""
 
 import os
 import subprocess
