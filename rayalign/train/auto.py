@@ -77,8 +77,9 @@ def choose_loss(config: RunConfig) -> dict:
                 references[_key(row["prompt"])] = row["reference"]
 
     judge = reviser.backend if reviser.backend == "verifier" else f"{reviser.backend}:{reviser.model}"
-    inputs = {"model": tree_digest(train.model), "pairs": tree_digest(train.pairs), "judge": judge,
-              "sample": train.auto_sample, "seed": train.seed, "max_tokens": clair.sampling.max_tokens,
+    policy = answer_inputs(config)  # the model's digest is read once, for both files
+    inputs = {"model": policy["model"], "pairs": tree_digest(train.pairs), "judge": judge,
+              "sample": train.auto_sample, "seed": train.seed, "max_tokens": policy["max_tokens"],
               "references": hashlib.sha256(json.dumps(sorted(references.items())).encode()).hexdigest()[:16]}
     path = Path(train.output) / CHOICE_FILE
     if path.exists():
@@ -100,7 +101,7 @@ def choose_loss(config: RunConfig) -> dict:
                       "winner": completion_text(pair["chosen"])})
     tally = {"chosen": 0, "policy": 0, "tie": 0}
     if units:
-        for row in _judged_rows(config, units):
+        for row in _judged_rows(config, units, policy):
             verdict = _verdict(row)
             if verdict in tally:
                 tally[verdict] += 1
@@ -117,11 +118,11 @@ def choose_loss(config: RunConfig) -> dict:
     return evidence
 
 
-def _judged_rows(config: RunConfig, units: list[dict]) -> list[dict]:
+def _judged_rows(config: RunConfig, units: list[dict], inputs: dict) -> list[dict]:
     """The policy answers each unit on vLLM; the CLAIR judge compares that answer (`answer`)
     with the winner (`answer_b`). The policy's answers are kept in `<train.output>/ANSWERS_FILE`
-    and reused while the model, its engine and max_tokens stay the same: with other pairs (or
-    another judge) only the prompts not answered yet go to vLLM."""
+    and reused while `inputs` (answer_inputs: the model, its engine and max_tokens) stay the same:
+    with other pairs (or another judge) only the prompts not answered yet go to vLLM."""
     from rayalign.clair import stages
     from rayalign.clair.pipeline import revise
     from rayalign.cluster import connect
@@ -129,7 +130,6 @@ def _judged_rows(config: RunConfig, units: list[dict]) -> list[dict]:
 
     clair = config.clair
     path = Path(config.train.output) / ANSWERS_FILE
-    inputs = answer_inputs(config)
     answers = saved_answers(path, inputs)
     todo = [u for u in units if u["prompt_json"] not in answers]
     ray = connect(config.cluster, config.run_dir)
