@@ -264,6 +264,15 @@ class TrainConfig:
     # Pairs per optimizer step across all workers.
     batch_size: int = 64
     micro_batch_size: int = 8
+    # Pack the sequences of many pairs into each micro-batch, without padding (position ids restart
+    # and attention stays within each sequence), up to tokens_per_micro_batch tokens; a step's
+    # pairs and its gradient are the same as unpacked. Default budget: what a padded micro-batch
+    # can hold, 2 x micro_batch_size x max_length (its chosen and rejected rows).
+    packing: bool = False
+    tokens_per_micro_batch: int | None = None
+    # Each worker's peak FLOP/s for the mfu metric; default: measured once per worker at the start
+    # (square matrix products in the compute precision, a practical peak).
+    peak_flops: float | None = None
     num_workers: int = 2
     # Logical CPUs (and torch threads) per worker: on CPU-only machines give one worker all the
     # cores it should use; on GPU workers this is the data-loading share.
@@ -308,6 +317,15 @@ class TrainConfig:
             f"({self.batch_size}) must be a multiple of micro_batch_size x num_workers ({per_step})",
         )
         _check(self.max_prompt_length < self.max_length, f"{key}.max_prompt_length", "must be below max_length")
+        _check(self.tokens_per_micro_batch is None or self.packing, f"{key}.tokens_per_micro_batch",
+               "applies only with train.packing: true")
+        _check(self.tokens_per_micro_batch is None or self.tokens_per_micro_batch >= 2 * self.max_length,
+               f"{key}.tokens_per_micro_batch", f"({self.tokens_per_micro_batch}) must hold the longest pair, "
+               f"2 x max_length ({2 * self.max_length}) tokens")
+        _check(self.peak_flops is None or self.peak_flops > 0, f"{key}.peak_flops", "must be positive")
+        _check(not (self.packing and self.offload_optimizer), f"{key}.offload_optimizer",
+               "is not supported with train.packing: DeepSpeed's offloaded gradient accumulation counts on a "
+               "fixed number of micro-batches per step, which packing varies")
         _check(self.gradient_clipping >= 0, f"{key}.gradient_clipping", "must not be negative")
         _check(self.checkpoint_every >= 1, f"{key}.checkpoint_every", "must be at least 1")
         _check(self.report_every >= 1, f"{key}.report_every", "must be at least 1")
@@ -320,6 +338,11 @@ class TrainConfig:
     @property
     def gradient_accumulation(self) -> int:
         return self.batch_size // (self.micro_batch_size * self.num_workers)
+
+    @property
+    def token_budget(self) -> int:
+        """The most tokens in a packed micro-batch (train.packing)."""
+        return self.tokens_per_micro_batch or 2 * self.micro_batch_size * self.max_length
 
 
 @dataclass

@@ -27,6 +27,7 @@ from pathlib import Path
 LOSS_TOLERANCE = 1e-5       # per example, fp32 losses of the same log-probs
 LOGPS_TOLERANCE = 1e-3      # per sequence, summed fp32 log-probs of a 2-layer model
 STEP_TOLERANCE = 1e-4       # the first step's loss, before any update
+PACKED_TOLERANCE = 1e-6     # relative, packed against padded steps on the same device
 
 
 # Files that bring DeepSpeed to a bare machine (Python 3.12, torch and transformers): filled here by
@@ -113,6 +114,7 @@ class TorchEngine:
         self.device = torch.device(device)
         self.module = model.to(self.device)
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=learning_rate)
+        self.boundary = True
 
     def __call__(self, **inputs):
         return self.module(**inputs)
@@ -123,15 +125,20 @@ class TorchEngine:
     def train(self):
         self.module.train()
 
-    def backward(self, loss):
+    def backward(self, loss, scale_wrt_gas: bool = False):
+        # train_step scales each micro-batch's loss itself (scale_wrt_gas=False, as it tells DeepSpeed).
         loss.backward()
 
+    def set_gradient_accumulation_boundary(self, is_boundary: bool):
+        self.boundary = is_boundary
+
     def is_gradient_accumulation_boundary(self):
-        return True  # one micro-batch a step here
+        return self.boundary
 
     def step(self):
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.boundary:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
     def zero_optimization(self):
         return 0
@@ -237,13 +244,9 @@ def check_steps(model_dir: Path, rows: list[dict], pad_id: int, device, zero_sta
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from rayalign.config import load_config
-    from rayalign.train.loop import _MEANS, _micro_batch_loss, train_step
+    from rayalign.train.loop import _MEANS, TOKENS, _micro_batch_loss, train_step
 
-    train = load_config(None, [f"train.model={model_dir}", "train.precision=fp32", "train.batch_size=4",
-                               "train.micro_batch_size=4", "train.num_workers=1", "train.learning_rate=1e-3",
-                               "train.warmup_ratio=0", "train.lr_schedule=constant",
-                               f"train.zero_stage={zero_stage}"]).train
+    train = step_config(model_dir, zero_stage)
     batches = [rows[4 * i:4 * i + 4] for i in range(steps)]
     cpu_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
@@ -259,7 +262,7 @@ def check_steps(model_dir: Path, rows: list[dict], pad_id: int, device, zero_sta
         rows_seen.append(sums.cpu())
     _synchronize(device)
     seconds = time.perf_counter() - start
-    tokens = sum(row[-1].item() for row in rows_seen)
+    tokens = sum(row[TOKENS].item() for row in rows_seen)
     # The first step's metrics (loss, rewards, the policy's log-probs) were computed before any
     # update: the CPU's, within the tolerances.
     first = dict(zip(_MEANS, rows_seen[0].tolist()))
@@ -276,14 +279,65 @@ def check_steps(model_dir: Path, rows: list[dict], pad_id: int, device, zero_sta
             f"{tokens / seconds:,.0f} tokens/s{peak}")
 
 
+def step_config(model_dir: Path, zero_stage: int, *overrides: str):
+    """The train config of the checked steps: 4 pairs a step on one worker, fp32, constant lr 1e-3."""
+    from rayalign.config import load_config
+
+    return load_config(None, [f"train.model={model_dir}", "train.precision=fp32", "train.batch_size=4",
+                              "train.micro_batch_size=4", "train.num_workers=1", "train.learning_rate=1e-3",
+                              "train.warmup_ratio=0", "train.lr_schedule=constant", "train.max_length=64",
+                              "train.max_prompt_length=32", f"train.zero_stage={zero_stage}", *overrides]).train
+
+
+def check_packed_steps(model_dir: Path, rows: list[dict], pad_id: int, device, steps: int = 10) -> str:
+    """The packed step (train.packing) against the padded one: `steps` steps from the same weights
+    over the same 4 pairs a step, packed into micro-batches of 128 tokens (unequal numbers of
+    pairs); every step's loss and log-probs agree within PACKED_TOLERANCE, relative."""
+    import torch.distributed as dist
+
+    from rayalign.train.data import pack_step
+    from rayalign.train.loop import _MEANS, train_step
+
+    padded_config = step_config(model_dir, 2)
+    packed_config = step_config(model_dir, 2, "train.packing=true", "train.tokens_per_micro_batch=128")
+    batches = [[rows[(4 * i + j) % len(rows)] for j in range(4)] for i in range(steps)]
+    tokens = [2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows]
+    sizes, worst, results = set(), 0.0, {}
+    for config in (padded_config, packed_config):
+        engine, kind = _engine(config, model_dir, device, steps)
+        seen = []
+        start = time.perf_counter()
+        for i, batch in enumerate(batches):
+            if config.packing:
+                split = pack_step([(4 * i + j) % len(rows) for j in range(4)], tokens, config.token_budget, 1)[0]
+                micro_batches = [[rows[k] for k in part] for part in split]
+                sizes.add(tuple(len(part) for part in split))
+            else:
+                micro_batches = [batch]
+            sums, _ = train_step(engine, None, micro_batches, config, pad_id, dist.all_reduce)
+            seen.append(dict(zip(_MEANS, sums.cpu().tolist())))
+        _synchronize(device)
+        results[config.packing] = (seen, time.perf_counter() - start)
+    _check(any(len(set(s)) > 1 for s in sizes), f"the packed micro-batches were all of one size: {sorted(sizes)}")
+    for step, (padded, packed) in enumerate(zip(results[False][0], results[True][0]), 1):
+        for name in ("loss", "logps/chosen", "logps/rejected"):
+            relative = abs(packed[name] - padded[name]) / max(abs(padded[name]), 1e-12)
+            worst = max(worst, relative)
+            _check(relative <= PACKED_TOLERANCE, f"{kind}, step {step}: the packed {name} is {packed[name]:.8f}, "
+                                                 f"the padded {padded[name]:.8f} (relative {relative:.1e} > "
+                                                 f"{PACKED_TOLERANCE})")
+    return (f"{kind}: {steps} packed steps ({', '.join(map(str, sorted(sizes)))} pairs per micro-batch) agree with "
+            f"the padded ones (max relative diff {worst:.1e} <= {PACKED_TOLERANCE}), "
+            f"{steps * 4 / results[True][1]:.1f} pairs/s packed, {steps * 4 / results[False][1]:.1f} padded")
+
+
 def _engine(train, model_dir: Path, device, steps: int):
     try:
         import deepspeed  # noqa: F401
     except ImportError:
-        import torch
-        from transformers import AutoModelForCausalLM
+        from rayalign.train.engine import load_model
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = load_model(str(model_dir), "fp32", trainable=True, packed=train.packing)
         return TorchEngine(model, train.learning_rate, device), "torch AdamW (no DeepSpeed here)"
     from rayalign.train.engine import build_engine
 
@@ -345,6 +399,7 @@ def run_reduced(cpu: bool, out=print) -> None:
             out(f"  reference  {check_reference(model_dir, rows, pad, device)}")
             out(f"  train      {check_steps(model_dir, rows, pad, device, zero_stage=2, steps=4)}")
             out(f"  train      {check_steps(model_dir, rows, pad, device, zero_stage=3, steps=2)}")
+            out(f"  packed     {check_packed_steps(model_dir, rows, pad, device)}")
         finally:
             dist.destroy_process_group()
     out(f"rayalign gpu-check: passed in {time.perf_counter() - start:.0f} s")

@@ -113,6 +113,13 @@ def training_plot(metrics: list[dict]) -> str | None:
     return uri
 
 
+def _throughput(metrics: list[dict]) -> str:
+    from rayalign.train.logs import throughput, throughput_line
+
+    speed = throughput(metrics)
+    return f"<p>Throughput (median step): {html.escape(throughput_line(speed))}</p>" if speed else ""
+
+
 def _pairs_table(pairs: list[dict], total: int) -> str:
     rows = []
     for p in pairs:
@@ -247,7 +254,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, sample: int
         f"<h2>Pairs</h2>{_pairs_table(shown_pairs, len(pairs))}"
         f"<h2>Rejects</h2>{_rejects_table(shown_rejects, len(rejects))}"
         f"<h2>Contrast</h2>{_image(contrast_plot(pairs), 'contrast histograms')}"
-        f"<h2>Training</h2>{_image(training_plot(metrics), 'training curves')}"
+        f"<h2>Training</h2>{_throughput(metrics)}{_image(training_plot(metrics), 'training curves')}"
         f"<h2>Evaluation</h2>{_eval_section(run, sample)}"
         f"<script>{_SCRIPT}</script></body></html>")
     path = Path(out) if out else run / "report.html"

@@ -21,8 +21,8 @@ def test_the_cpu_check_runs_every_part_and_passes():
     # DeepSpeed is installed here, so the carried files are not needed and the steps run on it.
     found = [line for line in lines if line.startswith("deepspeed ")]
     assert len(found) == 1 and re.fullmatch(r"deepspeed  0\.\d+\.\d+ from .*site-packages", found[0])
-    parts = [line.split()[0] for line in lines if re.match(r"^(losses|log-probs|reference|train) ", line)]
-    assert parts == ["losses", "log-probs", "reference", "train", "train"]
+    parts = [line.split()[0] for line in lines if re.match(r"^(losses|log-probs|reference|train|packed) ", line)]
+    assert parts == ["losses", "log-probs", "reference", "train", "train", "packed"]
     assert "8 losses agree with the CPU" in done.stdout
     assert "16 pairs agree with the CPU" in next(line for line in lines if line.startswith("reference"))
     trains = [line for line in lines if line.startswith("train")]
@@ -31,6 +31,10 @@ def test_the_cpu_check_runs_every_part_and_passes():
     # Four updates of the same four-pair batches move the loss (APO-zero starts at exactly 1).
     first, last = (float(x) for x in re.search(r"loss (\S+), logps.*last loss (\S+),", trains[0]).groups())
     assert first == pytest.approx(1.0, abs=1e-6) and last < first
+    # The packed step: ten steps of micro-batches of unequal numbers of pairs, as the padded ones.
+    packed = next(line for line in lines if line.startswith("packed"))
+    assert re.match(r"packed +DeepSpeed ZeRO-2: 10 packed steps \(.*\(\d+, \d+.*\) pairs per micro-batch\) agree "
+                    r"with the padded ones \(max relative diff \S+ <= 1e-06\)", packed), packed
     assert re.fullmatch(r"rayalign gpu-check: passed in \d+ s", lines[-1])
 
 

@@ -380,8 +380,9 @@ class _OffHostEngine(TorchEngine):
                 self.embed = torch.nn.Embedding(vocab, 8)
                 self.head = torch.nn.Linear(8, vocab)
 
-            def forward(self, input_ids, attention_mask, use_cache, logits_to_keep):
-                return types.SimpleNamespace(logits=self.head(self.embed(input_ids[:, -logits_to_keep:])))
+            def forward(self, input_ids, use_cache, logits_to_keep, attention_mask=None, **packed):
+                kept = input_ids[:, logits_to_keep] if torch.is_tensor(logits_to_keep) else input_ids[:, -logits_to_keep:]
+                return types.SimpleNamespace(logits=self.head(self.embed(kept)))
 
         super().__init__(Bigram(), learning_rate=1e-3, device="meta")
         self.global_norm, self.steps = global_norm, 0
@@ -396,18 +397,20 @@ class _OffHostEngine(TorchEngine):
         return self.global_norm
 
 
-@pytest.mark.parametrize("loss, on_the_fly", [("apo_zero", False), ("apo_zero", True), ("sft", False)])
-def test_a_training_step_keeps_every_tensor_on_the_engines_device(tmp_path, tiny_model, tokenizer, loss, on_the_fly):
+@pytest.mark.parametrize("loss, on_the_fly, packing", [("apo_zero", False, False), ("apo_zero", True, False),
+                                                      ("sft", False, False), ("apo_zero", True, True)])
+def test_a_training_step_keeps_every_tensor_on_the_engines_device(tmp_path, tiny_model, tokenizer, loss, on_the_fly,
+                                                                  packing):
     """The collective of every step gets tensors on the engine's device, as NCCL (Ray Train's
     backend on GPUs) demands, and nothing is read back to the host on the way: the step runs
-    through the loop's own step function on an engine off the host."""
+    through the loop's own step function on an engine off the host, padded and packed."""
     from rayalign.train.loop import _MEANS, train_step
 
     engine = _OffHostEngine(len(tokenizer), global_norm=0.25)
     rows = tokenize_pairs(tokenizer, toy_pairs(4), 64, 32).rows
     for row in rows:
         row["ref_chosen_logps"], row["ref_rejected_logps"] = -5.0, -6.0
-    config = train_config(tmp_path, tiny_model, tmp_path, f"train.loss={loss}")
+    config = train_config(tmp_path, tiny_model, tmp_path, f"train.loss={loss}", f"train.packing={str(packing).lower()}")
     reduced = []
 
     def all_reduce(tensor):  # NCCL's contract, checked
@@ -419,7 +422,7 @@ def test_a_training_step_keeps_every_tensor_on_the_engines_device(tmp_path, tiny
     sums, grad_norm = train_step(engine, reference, [rows[:2], rows[2:]], config.train, tokenizer.pad_token_id,
                                  all_reduce)
     assert len(reduced) == 1 and reduced[0] is sums
-    assert (sums.shape, sums.dtype, sums.device) == ((len(_MEANS) + 1,), torch.float64, engine.device)
+    assert (sums.shape, sums.dtype, sums.device) == ((len(_MEANS) + 3,), torch.float64, engine.device)
     assert (engine.steps, grad_norm) == (2, 0.25)
     assert all(p.grad is not None and p.grad.device == engine.device for p in engine.parameters())
 

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 # Warmup (5 steps) and cosine decay, so a resumed run must restore the scheduler too.
 RUN_A = ("train.loss=apo_zero", "train.zero_stage=2", "train.epochs=12", "train.learning_rate=1.5e-3",
          "train.lr_schedule=cosine", "train.warmup_ratio=0.1", "train.checkpoint_every=10", "train.max_failures=2")
-TIMINGS = ("tokens/s", "pairs/s", "elapsed_s")
+TIMINGS = ("tokens/s", "pairs/s", "mfu", "elapsed_s")  # rates: they differ between runs
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +221,47 @@ def test_zero3_on_the_fly_reference_follows_the_zero2_run(run_a, toy, tiny_model
     chosen, rejected = whole_set_rewards(summary["final"], baseline["pairs_file"])
     assert chosen > 0.1 and rejected < -0.1
     assert max_difference(load_weights(summary["final"]), load_weights(tiny_model)) > 1e-3
+
+
+# ---- packed, under ZeRO-3 with the reference on the fly ---------------------------------------------
+
+def test_packed_zero3_run_with_uneven_micro_batches_follows_the_padded_run(run_a, toy, tiny_model):
+    """train.packing on two workers: each step's 8 pairs (42 tokens each) packed into micro-batches
+    of up to 128 tokens, 3 + 1 pairs on one worker and 2 + 2 on the other (three full ones, one
+    halved so the workers run as many), under ZeRO-3 with the reference packed on the fly. The loss
+    weighs each micro-batch by its pairs, so the run follows run A (padded, ZeRO-2) as run A's
+    ZeRO-3 twin does, with no padding in its throughput."""
+    _, baseline = run_a
+    summary = run_train(toy("packed", *RUN_A, "train.zero_stage=3", "reference.on_the_fly=true", "train.packing=true",
+                            "train.tokens_per_micro_batch=128", "train.peak_flops=1e9"))
+    metrics = read_jsonl(Path(summary["output"]) / "metrics.jsonl")
+    theirs = read_jsonl(Path(baseline["output"]) / "metrics.jsonl")
+    assert metrics[0]["loss"] == pytest.approx(1.0, abs=1e-6)
+    assert read_jsonl(Path(summary["output"]) / "steps.jsonl") == read_jsonl(Path(baseline["output"]) / "steps.jsonl")
+    for ours, padded in zip(metrics[:16], theirs):
+        assert ours["loss"] == pytest.approx(padded["loss"], abs=1e-5)
+        assert ours["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
+    assert metrics[-1]["rewards/chosen"] > 0 > metrics[-1]["rewards/rejected"]
+    # Throughput: no padding packed; none in run A either, whose toy sequences are all 21 tokens
+    # (test_packing measures the padding of sequences of different lengths).
+    assert all(m["padding_fraction"] == 0 and m["mfu"] > 0 and m["tokens/s"] > 0 for m in metrics)
+    assert all(m["padding_fraction"] == 0 and m["mfu"] > 0 for m in theirs)
+    # mfu: the model FLOPs of a step's 16 sequences of 21 tokens over train.peak_flops per worker
+    # (ZeRO-3 held shards: the count is the whole model's); tokens/s gives the step's seconds.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    per_sequence = 6 * sum(p.numel() for p in model.parameters()) * 21 + \
+        6 * model.config.num_hidden_layers * model.config.hidden_size * 21 ** 2
+    for m in metrics:
+        seconds = 16 * 21 / m["tokens/s"]
+        assert m["mfu"] == pytest.approx(16 * per_sequence / seconds / (2 * 1e9), rel=1e-9)
+    assert summary["packing"] is True and summary["throughput"]["padding_fraction"] == 0
+    assert summary["throughput"]["pairs/s"] == pytest.approx(
+        sorted(m["pairs/s"] for m in metrics[1:])[len(metrics[1:]) // 2])
+    # The exported model names no attention of ours: it loads anywhere as a plain checkpoint.
+    exported = json.loads((Path(summary["final"]) / "config.json").read_text())
+    assert "rayalign" not in json.dumps(exported)
 
 
 # ---- gradient accumulation ----------------------------------------------------------------------------

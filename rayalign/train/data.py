@@ -21,6 +21,10 @@ takes the next `batch_size` pairs of it; the last `len % batch_size` pairs of ea
 full step and are dropped (a different tail each epoch, and counted in the summary). Within a
 step, micro-batch m of worker r is the slice number m * num_workers + r of the step's pairs, so
 the split is a pure function of (step, rank) and a resumed run replays it exactly.
+
+Packed (train.packing), a step's pairs are packed into micro-batches of at most the token budget
+by `pack_step`, every worker getting the same number of them (ZeRO communicates in each
+micro-batch, so unequal counts would hang), also a pure function of the step.
 """
 
 from __future__ import annotations
@@ -160,6 +164,10 @@ class Schedule:
     # by length before they are cut into micro-batches, so a micro-batch is padded less; the
     # pairs of a step, and so its gradient, stay the same.
     lengths: tuple[int, ...] | None = None
+    # Packing (train.packing): each pair's tokens (both sequences, 2 x prompt + chosen + rejected)
+    # and the most tokens in a micro-batch.
+    tokens: tuple[int, ...] | None = None
+    token_budget: int | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -188,10 +196,57 @@ class Schedule:
         return self.epoch_order(epoch)[j * self.batch_size:(j + 1) * self.batch_size]
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
-        """The `accumulation` micro-batches worker `rank` runs in step `step`."""
+        """The micro-batches worker `rank` runs in step `step`: `accumulation` of them, or packed
+        (when `token_budget` is set) as many as every other worker."""
         indices = self.step_indices(step)
+        if self.token_budget is not None:
+            return pack_step(indices, self.tokens, self.token_budget, self.num_workers)[rank]
         if self.lengths is not None:
             indices = sorted(indices, key=lambda i: self.lengths[i])  # stable: ties keep step order
         size = self.micro_batch_size
         return [indices[(m * self.num_workers + rank) * size:(m * self.num_workers + rank + 1) * size]
                 for m in range(self.accumulation)]
+
+
+def pack_step(indices: list[int], tokens, budget: int, workers: int) -> list[list[list[int]]]:
+    """A step's pairs (`indices`, with `tokens[i]` the tokens of pair i) as micro-batches of at most
+    `budget` tokens, per worker: every worker gets the same number of micro-batches.
+
+    First-fit decreasing packs the pairs; while the count is not a multiple of `workers`, the
+    micro-batch with the most tokens among those of two or more pairs is halved (a step has a
+    multiple of `workers` pairs, so this ends at one pair each at worst). Then the micro-batches
+    go, longest first, to the worker with the fewest tokens that still has room, so the workers'
+    loads are close. Within a micro-batch the pairs keep their order in the step."""
+    order = {i: position for position, i in enumerate(indices)}
+    too_long = [i for i in indices if tokens[i] > budget]
+    if too_long:
+        raise ValueError(f"pair {too_long[0]} has {tokens[too_long[0]]} tokens, more than a packed micro-batch "
+                         f"holds ({budget})")
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(indices, key=lambda i: (-tokens[i], order[i])):
+        for b, load in enumerate(loads):
+            if load + tokens[i] <= budget:
+                bins[b].append(i)
+                loads[b] += tokens[i]
+                break
+        else:
+            bins.append([i])
+            loads.append(tokens[i])
+    while len(bins) % workers:
+        b = max((b for b in range(len(bins)) if len(bins[b]) > 1), key=lambda b: (loads[b], -b))
+        pairs = sorted(bins[b], key=lambda i: (-tokens[i], order[i]))
+        halves: list[list[int]] = [[], []]
+        for i in pairs:  # each pair to the lighter half
+            sum_a, sum_b = (sum(tokens[j] for j in half) for half in halves)
+            halves[0 if sum_a <= sum_b else 1].append(i)
+        bins[b:b + 1] = halves
+        loads[b:b + 1] = [sum(tokens[j] for j in half) for half in halves]
+    per_worker = len(bins) // workers
+    assigned: list[list[list[int]]] = [[] for _ in range(workers)]
+    totals = [0] * workers
+    for b in sorted(range(len(bins)), key=lambda b: (-loads[b], b)):
+        rank = min((r for r in range(workers) if len(assigned[r]) < per_worker), key=lambda r: (totals[r], r))
+        assigned[rank].append(sorted(bins[b], key=order.__getitem__))
+        totals[rank] += loads[b]
+    return assigned

@@ -98,14 +98,21 @@ def warmup_steps(train: TrainConfig, total_steps: int) -> int:
 
 # ---- the engine ------------------------------------------------------------------------------
 
-def load_model(path: str, precision: str, trainable: bool):
+def load_model(path: str, precision: str, trainable: bool, packed: bool = False):
+    """A causal LM; `packed` (train.packing) gives it the attention of packed sequences."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from rayalign.train.forward import PACKED_ATTENTION, register_packed_attention
 
     # The policy loads in fp32 and DeepSpeed keeps fp32 master weights under bf16; a frozen
     # reference loads directly in the compute precision.
     dtype = torch.float32 if trainable else torch_dtype(precision)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    options = {}
+    if packed:
+        register_packed_attention()
+        options["attn_implementation"] = PACKED_ATTENTION
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options)
     model.config.use_cache = False
     if not trainable:
         model.eval()
@@ -118,11 +125,11 @@ def load_policy(train: TrainConfig, precision: str, ds_config: dict):
     (transformers runs from_pretrained inside deepspeed.zero.Init while an HfDeepSpeedConfig
     lives), so no worker ever holds the whole model; torch.distributed must be initialised."""
     if train.zero_stage != 3:
-        return load_model(train.model, precision, trainable=True)
+        return load_model(train.model, precision, trainable=True, packed=train.packing)
     from transformers.integrations import HfDeepSpeedConfig
 
     zero3 = HfDeepSpeedConfig(ds_config)
-    model = load_model(train.model, precision, trainable=True)
+    model = load_model(train.model, precision, trainable=True, packed=train.packing)
     del zero3  # transformers holds it weakly: a reference model loaded later (on the fly) loads whole
     return model
 
@@ -133,14 +140,14 @@ def load_reference(path: str, train: TrainConfig, precision: str, device):
     without an optimizer, which gathers each layer's weights for its forward: no worker holds the
     whole reference. Otherwise it is whole, on the worker's device."""
     if train.zero_stage != 3:
-        return load_model(path, precision, trainable=False).to(device)
+        return load_model(path, precision, trainable=False, packed=train.packing).to(device)
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
     ds_config = deepspeed_config(train, precision)
     ds_config["zero_optimization"] = {"stage": 3}  # nothing to offload: no optimizer state
     zero3 = HfDeepSpeedConfig(ds_config)
-    model = load_model(path, precision, trainable=False)
+    model = load_model(path, precision, trainable=False, packed=train.packing)
     del zero3
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-           "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens/s")
+           "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens/s", "padding_fraction", "mfu")
 
 
 def write_history(out_dir: Path, metrics: list[dict], steps: list[dict]) -> None:
@@ -25,6 +25,25 @@ def write_history(out_dir: Path, metrics: list[dict], steps: list[dict]) -> None
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
         tmp.replace(out_dir / name)
+
+
+def throughput(metrics: list[dict]) -> dict:
+    """A run's speed: the median tokens/s, pairs/s and mfu of its steps after the first (which
+    warms up) and the mean padding_fraction; {} for a history without them (older runs)."""
+    import statistics
+
+    steps = [m for m in metrics[1:] or metrics if "mfu" in m]
+    if not steps:
+        return {}
+    return {"tokens/s": statistics.median(m["tokens/s"] for m in steps),
+            "pairs/s": statistics.median(m["pairs/s"] for m in steps),
+            "padding_fraction": statistics.fmean(m["padding_fraction"] for m in steps),
+            "mfu": statistics.median(m["mfu"] for m in steps)}
+
+
+def throughput_line(speed: dict) -> str:
+    return (f"{speed['pairs/s']:.2f} pairs/s, {speed['tokens/s']:,.0f} tokens/s, padding "
+            f"{speed['padding_fraction']:.1%}, mfu {speed['mfu']:.1%}")
 
 
 class RunLog:

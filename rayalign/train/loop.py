@@ -3,9 +3,11 @@
 Everything it needs arrives in `config` (see `run.py`): the TrainConfig, the tokenized pairs
 as a Ray object, the data Schedule, the resolved precision and the output directory.
 
-One optimizer step: each worker runs its `accumulation` micro-batches (chosen and rejected in
-one concatenated forward), DeepSpeed averages the gradients over micro-batches and workers and
-steps; the step's metrics are averaged over all workers and reported. Every
+One optimizer step: each worker runs its micro-batches (chosen and rejected in one forward,
+padded or packed), each micro-batch's loss weighted by its share of the step's pairs, so the
+gradient DeepSpeed averages over the workers is the mean over the step's pairs however they were
+split; the step's metrics are pair-weighted means over all workers, with the throughput (tokens/s,
+padding_fraction, mfu) beside them. Every
 `checkpoint_every` steps each worker adds its DeepSpeed shards and RNG state to a Ray Train
 checkpoint (Ray merges the workers' files into one directory); rank 0 adds the trainer state:
 the step, and the metrics and example ids of every committed step. A restarted worker group
@@ -22,9 +24,11 @@ import time
 from pathlib import Path
 
 
-# Per micro-batch sums reduced over workers: the metrics that are means, then token count.
+# The metrics that are means over a step's pairs; train_step returns them, then the step's real
+# tokens, the positions its forwards computed (tokens plus padding) and its model FLOPs.
 _MEANS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
           "logps/chosen", "logps/rejected")
+TOKENS, SLOTS, FLOPS = len(_MEANS), len(_MEANS) + 1, len(_MEANS) + 2
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -62,6 +66,10 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             say(output, f"resumed from step {state['step']} of {schedule.total_steps}")
     log = RunLog(output, state["metrics"], state["steps"]) if rank == 0 else None
+    peak = total_peak_flops(engine, train, precision, dist.all_reduce)
+    if rank == 0:
+        say(output, f"peak {peak / world / 1e9:,.1f} GFLOP/s per worker "
+                    f"({'from train.peak_flops' if train.peak_flops else 'measured'}), for the mfu")
     started = time.perf_counter()
 
     for step in range(state["step"], schedule.total_steps):
@@ -70,10 +78,12 @@ def train_loop_per_worker(config: dict) -> None:
         micro_batches = [[pairs[i] for i in indices] for indices in schedule.micro_batches(step, rank)]
         sums, grad_norm = train_step(engine, reference, micro_batches, train, pad_id, dist.all_reduce)
         seconds = time.perf_counter() - step_start
-        means = (sums[:-1] / (schedule.accumulation * world)).tolist()
-        metrics = {"step": step + 1, "epoch": step // schedule.steps_per_epoch, **dict(zip(_MEANS, means)),
+        values = sums.tolist()
+        metrics = {"step": step + 1, "epoch": step // schedule.steps_per_epoch, **dict(zip(_MEANS, values)),
                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                   "learning_rate": learning_rate, "tokens/s": float(sums[-1]) / seconds,
+                   "learning_rate": learning_rate, "tokens/s": values[TOKENS] / seconds,
+                   "padding_fraction": 1 - values[TOKENS] / values[SLOTS],
+                   "mfu": values[FLOPS] / seconds / peak,
                    "pairs/s": schedule.batch_size / seconds, "elapsed_s": time.perf_counter() - started}
         record = {"step": step + 1, "epoch": metrics["epoch"],
                   "ids": [pairs[i]["id"] for i in schedule.step_indices(step)]}
@@ -84,7 +94,9 @@ def train_loop_per_worker(config: dict) -> None:
             log.add(metrics, record)
             if show_step(step + 1, schedule.total_steps):
                 say(output, f"step {step + 1}/{schedule.total_steps}  loss {metrics['loss']:.4f}  "
-                            f"margin {metrics['rewards/margins']:+.4f}  {metrics['pairs/s']:.1f} pairs/s")
+                            f"margin {metrics['rewards/margins']:+.4f}  {metrics['pairs/s']:.1f} pairs/s  "
+                            f"{metrics['tokens/s']:,.0f} tokens/s  padding {metrics['padding_fraction']:.0%}  "
+                            f"mfu {metrics['mfu']:.1%}")
         if step + 1 == schedule.total_steps:
             break
         if (step + 1) % train.checkpoint_every == 0:
@@ -109,47 +121,116 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def train_step(engine, reference, micro_batches: list[list[dict]], train, pad_id: int, all_reduce):
-    """One optimizer step of this worker over its micro-batches. Returns the metric sums (the
-    _MEANS, then the token count) over the micro-batches and, through `all_reduce`, over the
-    workers, and the step's global gradient norm (None where DeepSpeed records none).
+    """One optimizer step of this worker over its micro-batches (padded, or packed with
+    train.packing). Returns the step's metrics over all workers (through `all_reduce`): the
+    _MEANS, pair-weighted means over the step's pairs, then its real tokens, computed positions
+    and model FLOPs (at TOKENS, SLOTS, FLOPS), and the step's global gradient norm (None where
+    DeepSpeed records none).
+
+    Each micro-batch's mean loss is divided by batch_size / (its pairs x workers) instead of
+    DeepSpeed's 1 / gradient_accumulation_steps: with equal micro-batches the two are the same,
+    and with packed ones of different sizes the gradient is still the mean over the step's pairs.
+    The accumulation boundary is the last micro-batch, however many there are.
 
     Every tensor stays on the engine's device, the sums handed to `all_reduce` included: NCCL,
     Ray Train's backend on GPUs, reduces only CUDA tensors, and a metric read back to the host
     after each micro-batch would wait for the GPU each time."""
     import torch
 
-    sums = torch.zeros(len(_MEANS) + 1, dtype=torch.float64, device=engine.device)
+    sums = torch.zeros(len(_MEANS) + 3, dtype=torch.float64, device=engine.device)
     grad_norm = None
     # DeepSpeed wraps the optimizer under ZeRO, bf16 and fp16, and that wrapper records the norm;
     # otherwise it steps the torch optimizer directly and records none.
     records_norm = bool(engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
+    shape = model_shape(engine.module)
     engine.train()
-    for batch in micro_batches:
+    for m, batch in enumerate(micro_batches):
+        engine.set_gradient_accumulation_boundary(m == len(micro_batches) - 1)
         loss, row = _micro_batch_loss(engine, reference, batch, train, pad_id)
-        engine.backward(loss)
+        engine.backward(loss / (train.batch_size / (len(batch) * train.num_workers)), scale_wrt_gas=False)
         if engine.is_gradient_accumulation_boundary() and not records_norm:
             # Whole gradients, already averaged over workers.
             grad_norm = torch.nn.utils.get_total_norm(
                 [p.grad for p in engine.module.parameters() if p.grad is not None]).item()
         engine.step()
-        sums += row
+        sums[:TOKENS] += row[:TOKENS] * len(batch)
+        sums[TOKENS:FLOPS] += row[TOKENS:]
+        sums[FLOPS] += model_flops(shape, batch, train.lora.enabled)
     all_reduce(sums)
+    sums[:TOKENS] /= train.batch_size
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
     return sums, grad_norm
 
 
+def model_shape(module) -> dict:
+    """What the FLOPs of a step depend on: the parameters (all of them, also where ZeRO-3 holds a
+    shard: DeepSpeed's `ds_numel`), the layers and the hidden size."""
+    config = getattr(module, "config", None)
+    return {"parameters": sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()),
+            "layers": getattr(config, "num_hidden_layers", 0), "hidden": getattr(config, "hidden_size", 0)}
+
+
+def model_flops(shape: dict, batch: list[dict], lora: bool) -> float:
+    """The model FLOPs of one training micro-batch: per token 6 x parameters (forward 2, backward
+    4; 4 with LoRA, whose frozen weights get no gradient), plus causal attention, 6 x layers x
+    hidden x length^2 per sequence (its half of the score and value products, forward and backward).
+    The reference and the padding are not counted: this is the work the model needs."""
+    per_param = 4 if lora else 6
+    total = 0.0
+    for pair in batch:
+        prompt = len(pair["prompt_ids"])
+        for answer in (pair["chosen_ids"], pair["rejected_ids"]):
+            length = prompt + len(answer)
+            total += per_param * shape["parameters"] * length + 6 * shape["layers"] * shape["hidden"] * length ** 2
+    return total
+
+
+def total_peak_flops(engine, train, precision: str, all_reduce) -> float:
+    """The workers' summed peak FLOP/s for the mfu: train.peak_flops per worker when given,
+    otherwise each worker's own measure (`measure_peak_flops`)."""
+    import torch
+
+    own = train.peak_flops or measure_peak_flops(engine.device, precision)
+    total = torch.tensor(float(own), dtype=torch.float64, device=engine.device)
+    all_reduce(total)
+    return float(total)
+
+
+def measure_peak_flops(device, precision: str, seconds: float = 0.5) -> float:
+    """FLOP/s of square matrix products in the compute precision on `device`: the practical peak
+    of this worker (a vendor's datasheet peak is higher; give it as train.peak_flops)."""
+    import torch
+
+    from rayalign.train.engine import torch_dtype
+
+    n = 2048 if torch.device(device).type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=torch_dtype(precision))
+    b = torch.randn(n, n, device=device, dtype=torch_dtype(precision))
+    a @ b  # warm-up
+    runs, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        runs += 1
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2 * n ** 3 * runs / elapsed
+
+
 def _micro_batch_loss(engine, reference, batch: list[dict], train, pad_id: int):
-    """The mean loss of one micro-batch and its metric row (the _MEANS, then the token count)."""
+    """The mean loss of one micro-batch and its metric row (the _MEANS, then its real tokens
+    and computed positions)."""
     import torch
 
     from rayalign.train.forward import pair_logps
     from rayalign.train.losses import LOSSES, per_token_nll
 
-    policy = pair_logps(engine, batch, pad_id)
+    policy = pair_logps(engine, batch, pad_id, packed=train.packing)
     if reference is not None:
         with torch.no_grad():
-            ref = pair_logps(reference, batch, pad_id)
+            ref = pair_logps(reference, batch, pad_id, packed=train.packing)
         ref_chosen, ref_rejected = ref["chosen"], ref["rejected"]
     else:
         # On the policy's device: on a GPU worker the stored columns must meet CUDA log-probs.
@@ -174,7 +255,7 @@ def _micro_batch_loss(engine, reference, batch: list[dict], train, pad_id: int):
                "logps/rejected": policy["rejected"].mean()}
     device = policy["chosen"].device
     row = [torch.as_tensor(metrics[k]).detach().to(device, torch.float64).reshape(()) for k in _MEANS]
-    row.append(torch.tensor(float(policy["tokens"]), dtype=torch.float64, device=device))
+    row += [torch.tensor(float(policy[k]), dtype=torch.float64, device=device) for k in ("tokens", "slots")]
     return loss, torch.stack(row)
 
 

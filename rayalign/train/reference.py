@@ -44,14 +44,21 @@ class ReferenceLogps:
     """Ray Data stage: summed log-probs of chosen and rejected under the frozen reference model.
 
     Call it with a batch of columns (index, prompt_ids, chosen_ids, rejected_ids); it returns
-    index, ref_chosen_logps and ref_rejected_logps (float32)."""
+    index, ref_chosen_logps and ref_rejected_logps (float32). With `packed_budget` (train.packing)
+    it packs the batch's pairs, in order, into forwards of at most that many tokens, as the policy
+    will be computed; `threads` is the torch threads of a CPU actor (its reference.cpus_per_actor)."""
 
-    def __init__(self, model: str, precision: str, pad_id: int, device: str = "cpu"):
+    def __init__(self, model: str, precision: str, pad_id: int, device: str = "cpu",
+                 packed_budget: int | None = None, threads: int | None = None):
+        import torch
+
         from rayalign.train.engine import load_model
 
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)
         # On the GPU Ray gave the actor (num_gpus=1 with cluster.use_gpu), not on its host.
-        self.model = load_model(model, precision, trainable=False).to(device)
-        self.pad_id = pad_id
+        self.model = load_model(model, precision, trainable=False, packed=packed_budget is not None).to(device)
+        self.pad_id, self.packed_budget = pad_id, packed_budget
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -61,11 +68,28 @@ class ReferenceLogps:
 
         pairs = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
                  for p, c, r in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])]
+        chosen, rejected = [], []
         with torch.inference_mode():
-            out = pair_logps(self.model, pairs, self.pad_id)
-        return {"index": np.asarray(batch["index"]),
-                "ref_chosen_logps": out["chosen"].float().cpu().numpy(),
-                "ref_rejected_logps": out["rejected"].float().cpu().numpy()}
+            for part in self._parts(pairs):
+                out = pair_logps(self.model, part, self.pad_id, packed=self.packed_budget is not None)
+                chosen.append(out["chosen"].float().cpu())
+                rejected.append(out["rejected"].float().cpu())
+        return {"index": np.asarray(batch["index"]), "ref_chosen_logps": torch.cat(chosen).numpy(),
+                "ref_rejected_logps": torch.cat(rejected).numpy()}
+
+    def _parts(self, pairs: list[dict]) -> list[list[dict]]:
+        """The whole batch padded; packed, consecutive runs of pairs within the token budget."""
+        if self.packed_budget is None:
+            return [pairs]
+        parts, tokens = [[]], 0
+        for pair in pairs:
+            size = 2 * len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"])
+            if parts[-1] and tokens + size > self.packed_budget:
+                parts.append([])
+                tokens = 0
+            parts[-1].append(pair)
+            tokens += size
+        return parts
 
 
 # ---- fingerprints ----------------------------------------------------------------------------
@@ -82,6 +106,8 @@ def fingerprint_inputs(config: RunConfig, precision: str, with_reference: bool) 
     }
     if with_reference:
         inputs["reference"] = {"model": tree_digest(reference_model(config)), "precision": precision}
+        if train.packing:  # computed as the policy will be: packed (equal to padded within fp32 rounding)
+            inputs["reference"]["packed"] = True
     return inputs
 
 
@@ -167,7 +193,9 @@ def reference_pass(table, config: RunConfig, precision: str, pad: int):
     ds = ds.map_batches(
         ReferenceLogps,
         fn_constructor_kwargs={"model": reference_model(config), "precision": precision, "pad_id": pad,
-                               "device": "cuda" if config.cluster.use_gpu else "cpu"},
+                               "device": "cuda" if config.cluster.use_gpu else "cpu",
+                               "packed_budget": config.train.token_budget if config.train.packing else None,
+                               "threads": ref.cpus_per_actor},
         batch_size=ref.batch_size, compute=ray.data.ActorPoolStrategy(size=ref.concurrency), batch_format="numpy",
         num_cpus=ref.cpus_per_actor, num_gpus=1 if config.cluster.use_gpu else 0,
     )

@@ -29,7 +29,7 @@ from rayalign.stage import flatten, guard
 
 # TrainConfig keys that do not change the trajectory, so they do not change the run name.
 _NOT_IN_RUN_ID = ("output", "storage_path", "max_failures", "keep_checkpoints", "checkpoint_every", "report_every",
-                  "placement_strategy", "auto_sample", "cpus_per_worker")
+                  "placement_strategy", "auto_sample", "cpus_per_worker", "peak_flops")
 
 
 class TrainError(RuntimeError):
@@ -57,7 +57,7 @@ def run_train(config: RunConfig) -> dict:
 
     from rayalign.train.data import Schedule
     from rayalign.console import verbose
-    from rayalign.train.logs import follow, plot_curves, write_history
+    from rayalign.train.logs import follow, plot_curves, throughput, throughput_line, write_history
     from rayalign.train.loop import train_loop_per_worker
     from rayalign.train.auto import resolve_loss
     from rayalign.train.reference import pad_id, prepare_pairs
@@ -72,8 +72,10 @@ def run_train(config: RunConfig) -> dict:
     prompt, chosen, rejected = (pc.list_value_length(table.column(c)).to_numpy()
                                 for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
     lengths = tuple((prompt + np.maximum(chosen, rejected)).tolist())
+    packing = {"tokens": tuple((2 * prompt + chosen + rejected).tolist()), "token_budget": train.token_budget} \
+        if train.packing else {}
     schedule = Schedule(len(table), train.batch_size, train.micro_batch_size, train.num_workers, train.epochs,
-                        train.seed, lengths=lengths)
+                        train.seed, lengths=lengths, **packing)
     if schedule.total_steps == 0:
         raise ConfigError(f"train.batch_size: ({train.batch_size}) is more than the {len(table)} usable pairs "
                           f"of {train.pairs}")
@@ -94,9 +96,10 @@ def run_train(config: RunConfig) -> dict:
         },
         **trainer_settings(config, run_id),
     )
+    packed = f", packed in micro-batches of up to {train.token_budget} tokens" if train.packing else ""
     print(f"rayalign train: {schedule.total_steps} steps of {train.batch_size} pairs ({schedule.epochs} epochs "
           f"of {len(table)} pairs; {schedule.dropped_per_epoch} dropped per epoch), {train.num_workers} workers, "
-          f"ZeRO-{train.zero_stage}, {precision}")
+          f"ZeRO-{train.zero_stage}, {precision}{packed}")
     events.record("fit", output=str(output), workers=train.num_workers)
     try:
         # Rank 0's progress lines, from its console.log: the workers' own output stays in Ray's logs.
@@ -123,11 +126,14 @@ def run_train(config: RunConfig) -> dict:
         "skipped": counts["skipped"], "rejects": str(prepared.path.parent / "rejects.jsonl"),
         "pairs_file": str(prepared.path), "reference_reused": prepared.reused, "precision": precision,
         "checkpoints": result.path, "final_metrics": state["metrics"][-1],
+        "packing": train.packing, "throughput": throughput(state["metrics"]),
         "seconds": round(time.perf_counter() - start, 1), "run_id": run_id,
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"rayalign train: done in {summary['seconds']}s; final loss {summary['final_metrics']['loss']:.4f}; "
           f"model in {summary['final']}")
+    if summary["throughput"]:
+        print(f"rayalign train: {throughput_line(summary['throughput'])} (median step)")
     return summary
 
 
