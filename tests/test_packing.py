@@ -295,3 +295,18 @@ def test_the_token_budget_defaults_to_a_padded_micro_batch(tmp_path, tiny_model)
     assert train_config(tmp_path, tiny_model, tmp_path, "train.packing=true").train.token_budget == 2 * 2 * 64
     assert train_config(tmp_path, tiny_model, tmp_path, "train.packing=true",
                         "train.tokens_per_micro_batch=300").train.token_budget == 300
+
+
+def test_packing_shapes_the_run_and_the_peak_does_not(tmp_path, tiny_model):
+    """A packed run is another run (its micro-batches differ), so a rerun into an unpacked run's
+    output is refused by name; the keys at their defaults are left out, so outputs made before
+    packing existed still resume; the peak for the mfu never changes what is trained."""
+    from rayalign.train.run import shaping_fields
+
+    fields = lambda *o: shaping_fields(train_config(tmp_path, tiny_model, tmp_path, *o), "data", "fp32")
+    plain = fields()
+    assert not any(k.startswith(("train.packing", "train.tokens_per_micro_batch", "train.peak_flops")) for k in plain)
+    assert fields("train.peak_flops=1e12") == plain
+    packed = fields("train.packing=true")
+    assert {k: v for k, v in packed.items() if plain.get(k) != v} == {"train.packing": True}
+    assert fields("train.packing=true", "train.tokens_per_micro_batch=512")["train.tokens_per_micro_batch"] == 512

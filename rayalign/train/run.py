@@ -32,6 +32,11 @@ _NOT_IN_RUN_ID = ("output", "storage_path", "max_failures", "keep_checkpoints", 
                   "placement_strategy", "auto_sample", "cpus_per_worker", "peak_flops")
 
 
+# Keys added after runs existed count only when set, so a rerun into an output made before them
+# is not refused for a key it could not have had.
+_ADDED_LATER = {"packing": False, "tokens_per_micro_batch": None}
+
+
 class TrainError(RuntimeError):
     """Training failed on the cluster after the allowed restarts."""
 
@@ -223,7 +228,8 @@ def _run_id(config: RunConfig, data_fingerprint: str, precision: str) -> str:
 def shaping_fields(config: RunConfig, data_fingerprint: str, precision: str) -> dict:
     """The keys that shape the trained model, as dotted keys: what a rerun into the same
     train.output must keep (it resumes from the newest checkpoint, or finds the run finished)."""
-    train = {k: v for k, v in dataclasses.asdict(config.train).items() if k not in _NOT_IN_RUN_ID}
+    train = {k: v for k, v in dataclasses.asdict(config.train).items()
+             if k not in _NOT_IN_RUN_ID and not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
     return {**flatten("train", train), "train.precision": precision,
             "train.pairs (tokenized, with reference log-probs)": data_fingerprint,
             "reference.on_the_fly": config.reference.on_the_fly, "reference.model": config.reference.model}
