@@ -50,6 +50,20 @@ def training(r: dict) -> str:
     return "\n".join(out)
 
 
+def packing(r: dict) -> str:
+    rows = ["| system | pairs/s (steady) | tokens/s | padding | share of matmul peak | logged mfu | reference pass s |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in ("rayalign-packed", "rayalign-unpacked", "trl-micro2", "trl-micro4", "trl-micro8"):
+        x = r[name]
+        mfu = f"{x['mfu']:.1%}" if "mfu" in x else "-"
+        rows.append(f"| {name} | {x['pairs_per_s']} | {x['tokens_per_s']} | {x['padding_fraction']:.1%} | "
+                    f"{x['matmul_peak_share']:.1%} | {mfu} | {x['reference_pass_s']} |")
+    return "\n".join(rows) + (f"\n\npacked / best TRL ({r['trl_best']}): {r['ratio_rayalign-packed_over_trl']}x; "
+                              f"unpacked / best TRL: {r['ratio_rayalign-unpacked_over_trl']}x; packed / unpacked: "
+                              f"{r['ratio_packed_over_unpacked']}x; {r['cpu']} ({', '.join(r['flags'])}), "
+                              f"matmul peak {r['matmul_peak_gflops']} GFLOP/s")
+
+
 def serving(r: dict) -> str:
     return "\n\n".join(f"### {p['model']}\n\n" + serving_preset(r, p) for p in r["presets"].values())
 
@@ -115,7 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     results = Path(args.results)
     for name, render in (("clair_generation", generation), ("clair_generation_smollm2-135m-instruct", generation),
-                         ("revisers", revisers), ("train_throughput", training),
+                         ("revisers", revisers), ("train_throughput", training), ("train_packing", packing),
                          ("serve_latency", serving), ("serve_stalls", stalls)):
         path = results / f"{name}.json"
         if path.exists():

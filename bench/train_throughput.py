@@ -68,17 +68,19 @@ def steady(values: list[float], skip: int = 3) -> float:
     return statistics.median(values[skip:] if len(values) > skip + 2 else values)
 
 
-def bench_rayalign(model: str, pairs: Path, out: Path, precision: str, steps: int, n_pairs: int) -> dict:
+def bench_rayalign(model: str, pairs: Path, out: Path, precision: str, steps: int, n_pairs: int, batch: int = BATCH,
+                   micro: int = MICRO, max_length: int = 256, max_prompt_length: int = 64, extra: tuple = ()) -> dict:
     from rayalign.config import load_config
     from rayalign.train.run import run_train
 
-    epochs = max(1, -(-steps * BATCH // n_pairs))
+    epochs = max(1, -(-steps * batch // n_pairs))
     config = load_config(None, [
         f"run_dir={out}", f"train.model={model}", f"train.pairs={pairs}", f"train.output={out / 'train'}",
-        "train.num_workers=1", f"train.cpus_per_worker={os.cpu_count()}", "train.zero_stage=0", f"train.precision={precision}", f"train.batch_size={BATCH}",
-        f"train.micro_batch_size={MICRO}", "train.max_length=256", "train.max_prompt_length=64",
+        "train.num_workers=1", f"train.cpus_per_worker={os.cpu_count()}", "train.zero_stage=0", f"train.precision={precision}", f"train.batch_size={batch}",
+        f"train.micro_batch_size={micro}", f"train.max_length={max_length}", f"train.max_prompt_length={max_prompt_length}",
         f"train.epochs={epochs}", "train.learning_rate=1e-6", "train.checkpoint_every=100000",
         f"reference.output={out / 'reference'}", f"reference.cpus_per_actor={os.cpu_count()}", "cluster.num_cpus=4",
+        *extra,
     ])
     peak = [0]
     running = [True]
@@ -106,19 +108,23 @@ def bench_rayalign(model: str, pairs: Path, out: Path, precision: str, steps: in
     manifest = json.loads((Path(summary["pairs_file"]).parent / "manifest.json").read_text())
     first_step_end = metrics[0]["elapsed_s"]
     train_seconds = metrics[-1]["elapsed_s"]
-    return {"steps": len(metrics), "pairs_per_s": round(steady([m["pairs/s"] for m in metrics]), 2),
-            "tokens_per_s": round(steady([m["tokens/s"] for m in metrics]), 1),
+    skip = 1 if len(metrics) < 6 else 3
+    return {"steps": len(metrics), "pairs_per_s": round(steady([m["pairs/s"] for m in metrics], skip), 4),
+            "tokens_per_s": round(steady([m["tokens/s"] for m in metrics], skip), 1),
+            "padding_fraction": round(statistics.fmean(m.get("padding_fraction", 0.0) for m in metrics), 3),
+            "mfu": round(steady([m.get("mfu", 0.0) for m in metrics], skip), 3),
             "reference_pass_s": manifest.get("seconds"),
             "startup_s": round(wall - train_seconds - (manifest.get("seconds") or 0) + first_step_end, 1),
             "peak_rss_gb": round(peak[0] / 1024**3, 2), "wall_s": round(wall, 1)}
 
 
-def bench_trl(model: str, pairs: Path, out: Path, precision: str, steps: int) -> dict:
+def bench_trl(model: str, pairs: Path, out: Path, precision: str, steps: int, batch: int = BATCH,
+              micro: int = MICRO, max_length: int = 256) -> dict:
     """TRL runs in a subprocess with bench/.deps on its path, so the project's env stays clean."""
     env = {**os.environ, "PYTHONPATH": f"{DEPS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "HF_DATASETS_CACHE": str(out / "datasets-cache")}  # TRL caches its reference pass there
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("trl_dpo.py")), model, str(pairs),
-                           str(out), precision, str(steps), str(BATCH), str(MICRO)],
+                           str(out), precision, str(steps), str(batch), str(micro), str(max_length)],
                           capture_output=True, text=True, env=env, timeout=3600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

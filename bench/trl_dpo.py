@@ -1,7 +1,8 @@
 """TRL's DPOTrainer (loss_type="apo_zero", precomputed reference log-probs) on the benchmark pairs.
 
 Run by bench/train_throughput.py with bench/.deps on PYTHONPATH; prints `RESULT {json}`.
-Arguments: MODEL PAIRS_DIR OUT_DIR PRECISION STEPS BATCH MICRO_BATCH
+Arguments: MODEL PAIRS_DIR OUT_DIR PRECISION STEPS BATCH MICRO_BATCH [MAX_LENGTH, default 256]
+The padding fraction counts the padded positions of the policy's training forwards.
 """
 
 import json
@@ -17,6 +18,7 @@ import psutil
 def main() -> None:
     model_dir, pairs_dir, out, precision, steps, batch, micro = sys.argv[1:8]
     steps, batch, micro = int(steps), int(batch), int(micro)
+    max_length = int(sys.argv[8]) if len(sys.argv) > 8 else 256
 
     import torch
     from datasets import load_dataset
@@ -44,7 +46,7 @@ def main() -> None:
     args = DPOConfig(
         output_dir=out, loss_type="apo_zero", beta=0.1, learning_rate=1e-6, max_steps=steps,
         per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
-        precompute_ref_log_probs=True, precompute_ref_batch_size=64, max_length=256, bf16=precision == "bf16",
+        precompute_ref_log_probs=True, precompute_ref_batch_size=64, max_length=max_length, bf16=precision == "bf16",
         use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, dataloader_num_workers=0,
         lr_scheduler_type="constant", warmup_steps=0,
     )
@@ -72,15 +74,25 @@ def main() -> None:
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[Timer()])
     reference_s = reference[0]
     ready = time.perf_counter() - reference_s
+    positions = {"real": 0, "all": 0}
+
+    def count(module, args, kwargs):  # the training forwards' real and padded positions
+        mask = kwargs.get("attention_mask")
+        if module.training and mask is not None:
+            positions["real"] += int(mask.sum())
+            positions["all"] += mask.numel()
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
     trainer.train()
     rates = [batch / s for s in step_times]
     steady = statistics.median(rates[3:] if len(rates) > 5 else rates)
     tokens_per_pair = _tokens_per_pair(trainer)
     print("RESULT " + json.dumps({
-        "steps": len(step_times), "pairs_per_s": round(steady, 2),
+        "steps": len(step_times), "pairs_per_s": round(steady, 4),
         "tokens_per_s": round(steady * tokens_per_pair, 1), "reference_pass_s": round(reference_s, 1),
         "startup_s": round(ready - started, 1), "peak_rss_gb": round(peak[0] / 1024**3, 2),
-        "wall_s": round(time.perf_counter() - started, 1), "dtype": str(dtype)}))
+        "wall_s": round(time.perf_counter() - started, 1), "dtype": str(dtype),
+        "padding_fraction": round(1 - positions["real"] / max(positions["all"], 1), 3)}))
 
 
 def _tokens_per_pair(trainer) -> float:
