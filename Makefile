@@ -23,6 +23,7 @@ bench: setup
 	$(VENV)/bin/python bench/clair_generation.py --model smollm2-135m-instruct --prompts 64
 	$(VENV)/bin/python bench/revisers.py
 	$(VENV)/bin/python bench/train_throughput.py
+	$(VENV)/bin/python bench/train_packing.py
 	$(VENV)/bin/python bench/serve_latency.py
 	$(VENV)/bin/python bench/serve_stalls.py
 	$(VENV)/bin/python bench/tables.py
