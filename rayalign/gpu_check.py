@@ -295,25 +295,23 @@ def check_packed_steps(model_dir: Path, rows: list[dict], pad_id: int, device, s
     pairs); every step's loss and log-probs agree within PACKED_TOLERANCE, relative."""
     import torch.distributed as dist
 
-    from rayalign.train.data import pack_step
+    from rayalign.train.data import pack_step, pair_tokens
     from rayalign.train.loop import _MEANS, train_step
 
     padded_config = step_config(model_dir, 2)
     packed_config = step_config(model_dir, 2, "train.packing=true", "train.tokens_per_micro_batch=128")
-    batches = [[rows[(4 * i + j) % len(rows)] for j in range(4)] for i in range(steps)]
-    tokens = [2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows]
+    step_rows = [[(4 * i + j) % len(rows) for j in range(4)] for i in range(steps)]
+    tokens = [pair_tokens(r) for r in rows]
     sizes, worst, results = set(), 0.0, {}
     for config in (padded_config, packed_config):
         engine, kind = _engine(config, model_dir, device, steps)
         seen = []
         start = time.perf_counter()
-        for i, batch in enumerate(batches):
+        for indices in step_rows:
+            split = pack_step(indices, tokens, config.token_budget, 1)[0] if config.packing else [indices]
+            micro_batches = [[rows[k] for k in part] for part in split]
             if config.packing:
-                split = pack_step([(4 * i + j) % len(rows) for j in range(4)], tokens, config.token_budget, 1)[0]
-                micro_batches = [[rows[k] for k in part] for part in split]
                 sizes.add(tuple(len(part) for part in split))
-            else:
-                micro_batches = [batch]
             sums, _ = train_step(engine, None, micro_batches, config, pad_id, dist.all_reduce)
             seen.append(dict(zip(_MEANS, sums.cpu().tolist())))
         _synchronize(device)

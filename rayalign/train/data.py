@@ -208,6 +208,11 @@ class Schedule:
                 for m in range(self.accumulation)]
 
 
+def pair_tokens(pair: dict) -> int:
+    """The tokens of a pair's two sequences, prompt+chosen and prompt+rejected: its share of a packed row."""
+    return 2 * len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"])
+
+
 def pack_step(indices: list[int], tokens, budget: int, workers: int) -> list[list[list[int]]]:
     """A step's pairs (`indices`, with `tokens[i]` the tokens of pair i) as micro-batches of at most
     `budget` tokens, per worker: every worker gets the same number of micro-batches.
@@ -235,13 +240,14 @@ def pack_step(indices: list[int], tokens, budget: int, workers: int) -> list[lis
             loads.append(tokens[i])
     while len(bins) % workers:
         b = max((b for b in range(len(bins)) if len(bins[b]) > 1), key=lambda b: (loads[b], -b))
-        pairs = sorted(bins[b], key=lambda i: (-tokens[i], order[i]))
         halves: list[list[int]] = [[], []]
-        for i in pairs:  # each pair to the lighter half
-            sum_a, sum_b = (sum(tokens[j] for j in half) for half in halves)
-            halves[0 if sum_a <= sum_b else 1].append(i)
+        half_loads = [0, 0]
+        for i in sorted(bins[b], key=lambda i: (-tokens[i], order[i])):  # each pair to the lighter half
+            h = 0 if half_loads[0] <= half_loads[1] else 1
+            halves[h].append(i)
+            half_loads[h] += tokens[i]
         bins[b:b + 1] = halves
-        loads[b:b + 1] = [sum(tokens[j] for j in half) for half in halves]
+        loads[b:b + 1] = half_loads
     per_worker = len(bins) // workers
     assigned: list[list[list[int]]] = [[] for _ in range(workers)]
     totals = [0] * workers

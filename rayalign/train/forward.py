@@ -85,11 +85,9 @@ def _packed_logps(model, pairs: list[dict]) -> dict:
     row = pack(pairs)
     device = next(model.parameters()).device
     keep, owner = row["keep"].to(device), row["owner"].to(device)
-    longest = int((row["bounds"][1:] - row["bounds"][:-1]).max())
     # The bounds stay on the host: packed_attention slices by them, with no device round trip.
     logits = model(input_ids=row["input_ids"].to(device), position_ids=row["position_ids"].to(device),
-                   use_cache=False, logits_to_keep=keep, cu_seq_lens_q=row["bounds"], cu_seq_lens_k=row["bounds"],
-                   max_length_q=longest, max_length_k=longest).logits[0]
+                   use_cache=False, logits_to_keep=keep, cu_seq_lens_q=row["bounds"]).logits[0]
     token_logps = -F.cross_entropy(logits.float(), row["targets"].to(device), reduction="none")
     counts = row["counts"].to(device)
     sums = torch.zeros(len(counts), dtype=torch.float32, device=device).index_add(0, owner, token_logps)

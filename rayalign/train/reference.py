@@ -81,9 +81,11 @@ class ReferenceLogps:
         """The whole batch padded; packed, consecutive runs of pairs within the token budget."""
         if self.packed_budget is None:
             return [pairs]
+        from rayalign.train.data import pair_tokens
+
         parts, tokens = [[]], 0
         for pair in pairs:
-            size = 2 * len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"])
+            size = pair_tokens(pair)
             if parts[-1] and tokens + size > self.packed_budget:
                 parts.append([])
                 tokens = 0
