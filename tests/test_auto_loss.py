@@ -13,8 +13,8 @@ import yaml
 from rayalign import events, records
 from rayalign.config import ConfigError, load_config
 from rayalign.tasks import addition_prompts
-from rayalign.train.auto import (ANSWERS_FILE, CHOICE_FILE, answer_inputs, choose_loss, decide, resolve_loss,
-                                 saved_answers)
+from rayalign.train.auto import (ANSWERS_FILE, CHOICE_FILE, answer_inputs, choice_inputs, choose_loss, decide,
+                                 resolve_loss, saved_answers)
 from tests.conftest import SERVER_KEY
 from tests.test_clair import ENGINE
 
@@ -98,6 +98,31 @@ def test_saved_policy_answers_are_reused_only_for_the_same_model_engine_and_max_
     (tmp_path / "model" / "config.json").write_text('{"changed": 1}')
     assert saved_answers(saved, answer_inputs(config)) == {}
     assert saved_answers(tmp_path / "missing.json", inputs) == {}
+
+
+def test_the_saved_choice_is_reused_only_for_the_same_answers_pairs_and_judge(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    records.write_rows([{"id": "a", "prompt": "add: 1", "chosen": "x", "rejected": "y"}], tmp_path / "pairs", "jsonl")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"train": {"model": str(tmp_path / "model"), "pairs": str(tmp_path / "pairs"),
+                                              "loss": "auto"}}))
+
+    def inputs(*changes, references=None):
+        config = load_config(path, list(changes))
+        return choice_inputs(config, answer_inputs(config), references or {"add: 1": "1"})
+
+    same = inputs()
+    assert inputs() == same
+    for change in ("clair.engine.dtype=bfloat16", "clair.engine.max_model_len=128", "clair.sampling.max_tokens=6",
+                   "clair.reviser.answer_pattern=(\\d+)", "train.auto_sample=7", "train.seed=3"):
+        assert inputs(change) != same, change
+    assert inputs("clair.reviser.backend=vllm", "clair.reviser.model=/m/judge", "clair.reviser.engine.dtype=float16") \
+        != inputs("clair.reviser.backend=vllm", "clair.reviser.model=/m/judge")
+    assert inputs(references={"add: 1": "2"}) != same
+    shutil.rmtree(tmp_path / "pairs")
+    records.write_rows([{"id": "a", "prompt": "add: 1", "chosen": "x", "rejected": "z"}], tmp_path / "pairs", "jsonl")
+    assert inputs() != same
 
 
 @pytest.mark.integration

@@ -14,8 +14,8 @@ pairs whose winners are worse than the model. Which case holds is measured befor
    policy better -> `apo_down`; no decisive comparison -> `apo_zero`, the paper's default.
 
 The evidence and the choice go to `<train.output>/loss_choice.json` and the terminal. The file
-is reused while the model and the pair file (by content), the judge and the sample size stay
-the same, so a resumed run keeps its choice. The policy's answers go to
+is reused while the model, its engine and max_tokens, the pair file (by content), the judge
+(every `clair.reviser` field) and the sample size stay the same, so a resumed run keeps its choice. The policy's answers go to
 `<train.output>/policy_answers.json` and are reused while the model, its engine and max_tokens
 stay the same: a choice for other pairs or another judge sends only new prompts to vLLM.
 """
@@ -78,9 +78,7 @@ def choose_loss(config: RunConfig) -> dict:
 
     judge = reviser.backend if reviser.backend == "verifier" else f"{reviser.backend}:{reviser.model}"
     policy = answer_inputs(config)  # the model's digest is read once, for both files
-    inputs = {"model": policy["model"], "pairs": tree_digest(train.pairs), "judge": judge,
-              "sample": train.auto_sample, "seed": train.seed, "max_tokens": policy["max_tokens"],
-              "references": hashlib.sha256(json.dumps(sorted(references.items())).encode()).hexdigest()[:16]}
+    inputs = choice_inputs(config, policy, references)
     path = Path(train.output) / CHOICE_FILE
     if path.exists():
         cached = json.loads(path.read_text())
@@ -148,6 +146,16 @@ def _judged_rows(config: RunConfig, units: list[dict], inputs: dict) -> list[dic
     ds = ray.data.from_items(rows).map(stages.answer_outcome)
     judging = dataclasses.replace(config, clair=dataclasses.replace(clair, mode="onpolicy_judge"))
     return revise(judging, ds).take_all()
+
+
+def choice_inputs(config: RunConfig, policy: dict, references: dict[str, str]) -> dict:
+    """What the choice depends on: the policy's answers (`policy`, answer_inputs: the model, its
+    engine and max_tokens), the pairs by content, the judge (every clair.reviser field: its
+    model, engine and prompts), the sample and the verifier's reference answers."""
+    judge = json.loads(json.dumps(dataclasses.asdict(config.clair.reviser), default=str))
+    return {**policy, "pairs": tree_digest(config.train.pairs), "judge": judge, "sample": config.train.auto_sample,
+            "seed": config.train.seed,
+            "references": hashlib.sha256(json.dumps(sorted(references.items())).encode()).hexdigest()[:16]}
 
 
 def answer_inputs(config: RunConfig) -> dict:
