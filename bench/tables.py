@@ -64,6 +64,19 @@ def packing(r: dict) -> str:
                               f"matmul peak {r['matmul_peak_gflops']} GFLOP/s")
 
 
+def reference_pass(r: dict) -> str:
+    rows = ["| backend | seconds | pairs/s | tokens/s | max difference from padded (nats) |", "| --- | --- | --- | --- | --- |"]
+    for name in ("transformers-padded", "transformers-packed", "vllm"):
+        x = r[name]
+        rows.append(f"| {name} | {x['seconds']} | {x['pairs_per_s']} | {x['tokens_per_s']} | "
+                    f"{x.get('max_abs_difference_from_padded', 0):.2g} |")
+    check = r["vllm"]["check"]
+    return "\n".join(rows) + (f"\n\nvllm: scoring {check['vllm_seconds']} s, first-batch check {check['check_seconds']} s "
+                              f"({check['pairs']} pairs, at most {check['max_per_token']:.2g} nats per token); "
+                              f"padded / vllm: {r['ratio_vllm_over_padded']}x, packed / vllm: "
+                              f"{r['ratio_vllm_over_packed']}x; {r['cpu']} ({', '.join(r['flags'])})")
+
+
 def serving(r: dict) -> str:
     return "\n\n".join(f"### {p['model']}\n\n" + serving_preset(r, p) for p in r["presets"].values())
 
@@ -130,6 +143,7 @@ def main() -> None:
     results = Path(args.results)
     for name, render in (("clair_generation", generation), ("clair_generation_smollm2-135m-instruct", generation),
                          ("revisers", revisers), ("train_throughput", training), ("train_packing", packing),
+                         ("reference_pass", reference_pass),
                          ("serve_latency", serving), ("serve_stalls", stalls)):
         path = results / f"{name}.json"
         if path.exists():

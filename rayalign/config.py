@@ -211,11 +211,28 @@ class ReferenceConfig:
     on_the_fly: bool = False
     # Cache of tokenized pairs and reference log-probs; default <run_dir>/reference.
     output: str | None = None
+    # Who computes the log-probs: a transformers forward on Ray Data actors (batch_size,
+    # concurrency, cpus_per_actor), or vLLM's prompt log-probs through ray.data.llm on `engine`,
+    # checked on the first batch_size pairs against the transformers forward.
+    backend: Literal["transformers", "vllm"] = "transformers"
+    # backend vllm: its engine; the dtype follows train.precision, and max_model_len must exceed
+    # train.max_length (a whole pair sequence is one prompt).
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(max_model_len=4096))
+    # backend vllm: the most the two may differ on the first batch, in nats per completion token
+    # (a sequence's summed difference over its length); default 1e-3 in fp32, 5e-2 in bf16.
+    tolerance: float | None = None
 
     def validate(self, key: str) -> None:
         _check(self.batch_size >= 1, f"{key}.batch_size", "must be at least 1")
         _check(self.concurrency >= 1, f"{key}.concurrency", "must be at least 1")
         _check(self.cpus_per_actor >= 1, f"{key}.cpus_per_actor", "must be at least 1")
+        _check(self.tolerance is None or self.tolerance > 0, f"{key}.tolerance", "must be positive")
+        if self.backend == "vllm":
+            self.engine.validate(f"{key}.engine")
+            _check(self.engine.dtype == "auto", f"{key}.engine.dtype",
+                   "must be auto: the reference log-probs are computed in train.precision")
+            _check(not self.on_the_fly, f"{key}.backend",
+                   "vllm computes a pass before training; reference.on_the_fly computes inside each step")
 
 
 @dataclass
@@ -456,6 +473,10 @@ class RunConfig:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)
+        # vLLM scores a whole sequence as its prompt and generates one token after it.
+        _check(self.reference.backend != "vllm" or self.reference.engine.max_model_len > self.train.max_length,
+               "reference.engine.max_model_len", f"({self.reference.engine.max_model_len}) must exceed "
+               f"train.max_length ({self.train.max_length}): vLLM scores a whole pair sequence as its prompt")
         if self.cluster.use_gpu:
             for key, engine in self.vllm_engines().items():
                 _check(engine.gpus_per_engine > 0, f"{key}.gpus_per_engine",
@@ -468,6 +489,8 @@ class RunConfig:
         engines = {"clair.engine": self.clair.engine, "serve.engine": self.serve.engine}
         if self.clair.reviser.backend == "vllm":
             engines["clair.reviser.engine"] = self.clair.reviser.engine
+        if self.reference.backend == "vllm":
+            engines["reference.engine"] = self.reference.engine
         return engines
 
     def to_dict(self) -> dict[str, Any]:

@@ -158,6 +158,46 @@ def chat_stage(model: str, engine: EngineConfig, request: Callable[[dict], dict]
     return lambda ds: processor(ds).map(finish, **at_once)
 
 
+# One generated token; the prompt's own log-probs (the sampled token's only: 0 alternatives),
+# from the raw logits (vLLM's default logprobs_mode), not detokenized.
+SCORE_PARAMS = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0, "detokenize": False}
+
+
+def score_stage(model: str, engine: EngineConfig):
+    """A function from dataset to dataset: each row's `token_ids` (a whole sequence) is sent to vLLM
+    as its prompt; the output row is the input row less the ids, plus `logp`, the sum of the
+    log-probs of the tokens from `start` on given all before them (vLLM's prompt log-probs), and
+    `error` ('' when fine)."""
+    from ray.data.llm import build_processor
+
+    config = processor_config(model, engine)
+
+    def preprocess(row: dict) -> dict:
+        return {**row, "tokenized_prompt": row["token_ids"], "sampling_params": dict(SCORE_PARAMS)}
+
+    def finish(row: dict) -> dict:
+        error = str(row.get("__inference_error__") or "")
+        keep = {k: v for k, v in row.items() if k not in _ENGINE_COLUMNS and k != "token_ids"}
+        logp = float("nan")
+        if not error:
+            ids, scores = list(row["prompt_token_ids"]), row["prompt_logprobs"]
+            logp = sum(_logprob(scores[i], ids[i]) for i in range(int(row["start"]), len(ids)))
+        return {**keep, "logp": logp, "error": error}
+
+    # As in chat_stage: the sums are taken in a map that sees every row, failed ones included.
+    at_once = {"concurrency": engine.concurrency}
+    processor = build_processor(config, preprocess=preprocess, postprocess=lambda row: row,
+                                preprocess_map_kwargs=at_once, postprocess_map_kwargs=at_once)
+    return lambda ds: processor(ds).map(finish, **at_once)
+
+
+def _logprob(scores: dict, token: int) -> float:
+    """One prompt position's log-prob of `token`: ray.data.llm gives a dict per position keyed by
+    token id (string keys once it has passed through an Arrow block)."""
+    entry = scores[token] if token in scores else scores[str(token)]
+    return float(entry["logprob"])
+
+
 def render(model: str, messages: list[dict]) -> str:
     """The prompt text for `messages` by the model's chat template, as ray.data.llm's chat template
     stage renders it: with the generation prompt after a user turn, continuing an assistant turn

@@ -299,6 +299,27 @@ def test_every_engine_field_reaches_vllms_engine_arguments_or_rays_placement():
     assert llm.processor_config("/models/m", override).engine_kwargs["max_model_len"] == 444
 
 
+def test_the_reference_engine_reaches_vllm_in_the_training_precision_and_asks_for_prompt_logprobs():
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+
+    from rayalign import llm
+    from rayalign.config import load_config
+    from rayalign.train.reference import reference_engine
+
+    config = load_config(None, ["reference.backend=vllm", "reference.engine.max_model_len=1500",
+                                "reference.engine.concurrency=2", "reference.engine.batch_size=5",
+                                "reference.engine.cpus_per_engine=3"])
+    for precision, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
+        processor = llm.processor_config("/models/m", reference_engine(config, precision))
+        args = EngineArgs(model="/models/m", **{k: v for k, v in processor.engine_kwargs.items() if k != "task_type"})
+        assert (args.dtype, args.max_model_len) == (dtype, 1500)
+        assert (processor.concurrency, processor.batch_size) == (2, 5)
+        assert [(b["CPU"], b.get("GPU", 0)) for b in processor.placement_group_config["bundles"]] == [(3, 0)]
+    params = SamplingParams(**llm.SCORE_PARAMS)
+    assert (params.prompt_logprobs, params.max_tokens, params.detokenize) == (0, 1, False)
+
+
 def test_the_prompt_is_rendered_by_the_models_chat_template_as_rays_stage_renders_it(smollm2):
     from transformers import AutoTokenizer
 

@@ -86,6 +86,18 @@ def test_int_is_accepted_where_a_float_is_expected():
         (["cluster.use_gpu=true", "clair.engine.gpus_per_engine=1", "serve.engine.gpus_per_engine=1",
           "clair.reviser.backend=vllm", "clair.reviser.model=/m/big"],
          "clair.reviser.engine.gpus_per_engine: is 0, but cluster.use_gpu is true"),
+        (["cluster.use_gpu=true", "clair.engine.gpus_per_engine=1", "serve.engine.gpus_per_engine=1",
+          "reference.backend=vllm"], "reference.engine.gpus_per_engine: is 0, but cluster.use_gpu is true"),
+        # The vLLM reference pass: computed in train.precision, before training, whole sequences.
+        (["reference.backend=vllm", "reference.engine.dtype=float16"],
+         "reference.engine.dtype: must be auto: the reference log-probs are computed in train.precision"),
+        (["reference.backend=vllm", "reference.on_the_fly=true"],
+         "reference.backend: vllm computes a pass before training; reference.on_the_fly computes inside each step"),
+        (["reference.backend=vllm", "reference.engine.max_model_len=1024"],
+         "reference.engine.max_model_len: (1024) must exceed train.max_length (1024)"),
+        (["reference.backend=vllm", "reference.engine.batch_size=0"], "reference.engine.batch_size: must be at least 1"),
+        (["reference.tolerance=0"], "reference.tolerance: must be positive"),
+        (["reference.backend=onnx"], "reference.backend: must be one of 'transformers', 'vllm', not 'onnx'"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):

@@ -16,6 +16,7 @@ fingerprint and a fresh pass.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rayalign.config import RunConfig
+from rayalign.config import EngineConfig, RunConfig
 from rayalign.records import load_pairs, write_shard
 from rayalign.stage import tree_digest
 
@@ -108,7 +109,9 @@ def fingerprint_inputs(config: RunConfig, precision: str, with_reference: bool) 
     }
     if with_reference:
         inputs["reference"] = {"model": tree_digest(reference_model(config)), "precision": precision}
-        if train.packing:  # computed as the policy will be: packed (equal to padded within fp32 rounding)
+        if config.reference.backend == "vllm":  # equal to the transformers forward within the tolerance
+            inputs["reference"]["backend"] = "vllm"
+        elif train.packing:  # computed as the policy will be: packed (equal to padded within fp32 rounding)
             inputs["reference"]["packed"] = True
     return inputs
 
@@ -133,6 +136,8 @@ def prepare_pairs(config: RunConfig, precision: str, with_reference: bool) -> Pr
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("fingerprint") == fingerprint:
+            if manifest.get("check"):  # measured when computed; the tolerance may have changed since
+                check_agreement(manifest["check"], tolerance(config, precision))
             print(f"rayalign: reusing tokenized pairs{' and reference log-probs' * with_reference} from {out}")
             return Prepared(out / "pairs.parquet", manifest, reused=True)
 
@@ -153,8 +158,12 @@ def prepare_pairs(config: RunConfig, precision: str, with_reference: bool) -> Pr
         **{k: pa.array(columns[k], pa.list_(pa.int32())) for k in ("prompt_ids", "chosen_ids", "rejected_ids")},
         "index": pa.array(columns["index"], pa.int64()),
     })
-    if with_reference and len(table):
+    check = None
+    if with_reference and len(table) and config.reference.backend == "vllm":
+        logps, check = vllm_reference_pass(table, config, precision, pad_id(tokenizer))
+    elif with_reference and len(table):
         logps = reference_pass(table, config, precision, pad_id(tokenizer))
+    if with_reference and len(table):
         table = table.append_column("ref_chosen_logps", pa.array(logps[0], pa.float32()))
         table = table.append_column("ref_rejected_logps", pa.array(logps[1], pa.float32()))
 
@@ -168,6 +177,8 @@ def prepare_pairs(config: RunConfig, precision: str, with_reference: bool) -> Pr
     manifest = {"fingerprint": fingerprint, "inputs": inputs, "counts": report.counts(),
                 "reference_model": reference_model(config) if with_reference else None,
                 "seconds": round(time.perf_counter() - start, 3)}
+    if check:
+        manifest["check"] = check
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -209,3 +220,85 @@ def reference_pass(table, config: RunConfig, precision: str, pad: int):
     if np.isnan(chosen).any() or np.isnan(rejected).any():
         raise RuntimeError("the reference pass returned fewer rows than it was given")
     return chosen, rejected
+
+
+# ---- backend vllm ----------------------------------------------------------------------------
+
+def tolerance(config: RunConfig, precision: str) -> float:
+    """reference.tolerance, or its default for the precision, in nats per completion token."""
+    if config.reference.tolerance is not None:
+        return config.reference.tolerance
+    return 1e-3 if precision == "fp32" else 5e-2
+
+
+def reference_engine(config: RunConfig, precision: str) -> EngineConfig:
+    """reference.engine in the compute precision (its dtype is `auto`, which follows train.precision)."""
+    return dataclasses.replace(config.reference.engine, dtype={"fp32": "float32", "bf16": "bfloat16"}[precision])
+
+
+def vllm_reference_pass(table, config: RunConfig, precision: str, pad: int):
+    """(chosen, rejected) log-probs in row order from vLLM's prompt log-probs, each pair's two
+    sequences scored as prompts by ray.data.llm on reference.engine, and the first-batch check:
+    the first reference.batch_size pairs computed again by the transformers forward (the
+    ReferenceLogps pass) and compared, refused above the tolerance. Returns ((chosen, rejected),
+    the check's figures for the manifest)."""
+    import numpy as np
+    import ray.data
+
+    from rayalign.cluster import connect
+    from rayalign.llm import score_stage
+
+    connect(config.cluster, config.run_dir)
+    engine = reference_engine(config, precision)
+    rows = [{"index": int(index), "side": side, "start": len(prompt), "token_ids": list(prompt) + list(completion)}
+            for index, prompt, chosen, rejected in zip(*(table.column(k).to_pylist() for k in
+                                                         ("index", "prompt_ids", "chosen_ids", "rejected_ids")))
+            for side, completion in ((0, chosen), (1, rejected))]
+    print(f"rayalign: reference log-probs of {len(table)} pairs from vLLM's prompt log-probs "
+          f"(reference.backend vllm, {engine.dtype})", flush=True)
+    started = time.perf_counter()
+    logps = np.full((2, len(table)), np.nan, dtype=np.float64)
+    ids = table.column("id").to_pylist()
+    for row in score_stage(reference_model(config), engine)(ray.data.from_items(rows)).iter_rows():
+        if row["error"]:
+            side = ("chosen", "rejected")[row["side"]]
+            raise RuntimeError(f"reference.backend vllm: the engine failed on pair {ids[row['index']]!r} "
+                               f"({side}): {row['error']}")
+        logps[row["side"], row["index"]] = row["logp"]
+    if np.isnan(logps).any():
+        raise RuntimeError("the reference pass returned fewer rows than it was given")
+
+    scored = time.perf_counter()
+    first = table.slice(0, min(config.reference.batch_size, len(table)))
+    expected = np.stack(reference_pass(first, config, precision, pad)).astype(np.float64)
+    lengths = np.stack([[len(c) for c in first.column(k).to_pylist()] for k in ("chosen_ids", "rejected_ids")])
+    check = agreement(logps[:, :len(first)], expected, lengths, first.column("id").to_pylist(),
+                      tolerance(config, precision))
+    check["vllm_seconds"] = round(scored - started, 1)
+    check["check_seconds"] = round(time.perf_counter() - scored, 1)
+    print(f"rayalign: vLLM agrees with the transformers forward on the first {check['pairs']} pairs within "
+          f"{check['max_per_token']:.2e} nats per token (tolerance {check['tolerance']:.0e})", flush=True)
+    check_agreement(check, check["tolerance"])
+    return (logps[0].astype(np.float32), logps[1].astype(np.float32)), check
+
+
+def agreement(vllm, transformers, lengths, ids: list[str], tolerance: float) -> dict:
+    """How far vLLM's summed log-probs are from the transformers forward's: arrays of shape
+    (2, pairs), chosen then rejected; the largest difference per completion token, the sequence
+    where it is, and the largest summed difference."""
+    import numpy as np
+
+    diff = np.abs(np.asarray(vllm, dtype=np.float64) - np.asarray(transformers, dtype=np.float64))
+    per_token = diff / np.maximum(np.asarray(lengths), 1)
+    side, at = np.unravel_index(int(np.argmax(per_token)), per_token.shape)
+    return {"pairs": len(ids), "max_per_token": float(per_token[side, at]), "max_abs": float(diff.max()),
+            "worst": f"{ids[at]} ({('chosen', 'rejected')[side]})", "tolerance": tolerance}
+
+
+def check_agreement(check: dict, tolerance: float) -> None:
+    if check["max_per_token"] > tolerance:
+        raise RuntimeError(
+            f"reference.backend vllm: on the first {check['pairs']} pairs vLLM's log-probs differ from the "
+            f"transformers forward by up to {check['max_per_token']:.3g} nats per token (pair {check['worst']}, "
+            f"{check['max_abs']:.3g} summed), above reference.tolerance {tolerance:g}; raise reference.tolerance "
+            f"or use reference.backend: transformers")
