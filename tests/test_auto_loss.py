@@ -119,6 +119,12 @@ def test_the_saved_choice_is_reused_only_for_the_same_answers_pairs_and_judge(tm
         assert inputs(change) != same, change
     assert inputs("clair.reviser.backend=vllm", "clair.reviser.model=/m/judge", "clair.reviser.engine.dtype=float16") \
         != inputs("clair.reviser.backend=vllm", "clair.reviser.model=/m/judge")
+    assert inputs("clair.max_total_tokens=500") != same
+    # A judge's rate limits, retries and prices do not change its verdicts.
+    for change in ("clair.reviser.max_concurrency=2", "clair.reviser.requests_per_second=1",
+                   "clair.reviser.max_retries=1", "clair.reviser.timeout_s=5",
+                   "clair.reviser.price_per_million_input_tokens=3"):
+        assert inputs(change) == same, change
     assert inputs(references={"add: 1": "2"}) != same
     shutil.rmtree(tmp_path / "pairs")
     records.write_rows([{"id": "a", "prompt": "add: 1", "chosen": "x", "rejected": "z"}], tmp_path / "pairs", "jsonl")

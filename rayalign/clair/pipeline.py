@@ -54,16 +54,20 @@ def check_inputs(config: RunConfig) -> None:
             raise ConfigError(f"clair.reviser.api_key_env: {exc}") from None
 
 
+def reviser_fields(reviser) -> dict:
+    """The clair.reviser fields that shape what it writes or judges: not its throughput, budget,
+    retry, endpoint, price or engine resource settings."""
+    return {k: v for k, v in dataclasses.asdict(reviser).items()
+            if k not in ("max_concurrency", "requests_per_second", "max_retries", "timeout_s", "base_url",
+                         "api_key_env", "price_per_million_input_tokens", "price_per_million_output_tokens", "engine")}
+
+
 def shaping_fields(config: RunConfig) -> dict:
     """The clair keys that shape the pairs, as dotted keys: what a rerun into the same output must
     keep. Throughput, budget, retry, endpoint and price settings may change between runs."""
     c = config.clair
-    reviser = {k: v for k, v in dataclasses.asdict(c.reviser).items()
-               if k not in ("max_concurrency", "requests_per_second", "max_retries", "timeout_s", "base_url",
-                            "api_key_env", "price_per_million_input_tokens", "price_per_million_output_tokens",
-                            "engine")}
     shaping = {"prompts": c.prompts, "mode": c.mode, "target_model": c.target_model,
-               "sampling": dataclasses.asdict(c.sampling), "format": c.format, "reviser": reviser,
+               "sampling": dataclasses.asdict(c.sampling), "format": c.format, "reviser": reviser_fields(c.reviser),
                "engine": {"dtype": c.engine.dtype, "max_model_len": c.engine.max_model_len}}
     return flatten("clair", shaping)
 

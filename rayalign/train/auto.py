@@ -15,7 +15,7 @@ pairs whose winners are worse than the model. Which case holds is measured befor
 
 The evidence and the choice go to `<train.output>/loss_choice.json` and the terminal. The file
 is reused while the model, its engine and max_tokens, the pair file (by content), the judge
-(every `clair.reviser` field) and the sample size stay the same, so a resumed run keeps its choice. The policy's answers go to
+(the `clair.reviser` fields that shape a verdict), the token budget and the sample size stay the same, so a resumed run keeps its choice. The policy's answers go to
 `<train.output>/policy_answers.json` and are reused while the model, its engine and max_tokens
 stay the same: a choice for other pairs or another judge sends only new prompts to vLLM.
 """
@@ -150,11 +150,17 @@ def _judged_rows(config: RunConfig, units: list[dict], inputs: dict) -> list[dic
 
 def choice_inputs(config: RunConfig, policy: dict, references: dict[str, str]) -> dict:
     """What the choice depends on: the policy's answers (`policy`, answer_inputs: the model, its
-    engine and max_tokens), the pairs by content, the judge (every clair.reviser field: its
-    model, engine and prompts), the sample and the verifier's reference answers."""
-    judge = json.loads(json.dumps(dataclasses.asdict(config.clair.reviser), default=str))
+    engine and max_tokens), the pairs by content, the judge (the clair.reviser fields that shape
+    a verdict, as for clair's own output, and its engine's dtype and context), the token budget
+    that can leave comparisons unjudged, the sample and the verifier's reference answers. Not the
+    judge's rate limits, retries or prices."""
+    from rayalign.clair.pipeline import reviser_fields
+
+    reviser = config.clair.reviser
+    judge = {**reviser_fields(reviser), "engine": {"dtype": reviser.engine.dtype,
+                                                   "max_model_len": reviser.engine.max_model_len}}
     return {**policy, "pairs": tree_digest(config.train.pairs), "judge": judge, "sample": config.train.auto_sample,
-            "seed": config.train.seed,
+            "seed": config.train.seed, "max_total_tokens": config.clair.max_total_tokens,
             "references": hashlib.sha256(json.dumps(sorted(references.items())).encode()).hexdigest()[:16]}
 
 
