@@ -166,7 +166,8 @@ SCORE_PARAMS = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0, "deto
 def score_stage(model: str, engine: EngineConfig):
     """A function from dataset to dataset: each row's `token_ids` (a whole sequence) is sent to vLLM
     as its prompt; the output row is the input row less the ids, plus `logp`, the sum of the
-    log-probs of the tokens from `start` on given all before them (vLLM's prompt log-probs), and
+    log-probs of the tokens from `start` on (the first token has none) given all before them
+    (vLLM's prompt log-probs), and
     `error` ('' when fine)."""
     from ray.data.llm import build_processor
 
@@ -181,7 +182,8 @@ def score_stage(model: str, engine: EngineConfig):
         logp = float("nan")
         if not error:
             ids, scores = list(row["prompt_token_ids"]), row["prompt_logprobs"]
-            logp = sum(_logprob(scores[i], ids[i]) for i in range(int(row["start"]), len(ids)))
+            # The first token has no log-prob (nothing precedes it), as in the training forward.
+            logp = sum(_logprob(scores[i], ids[i]) for i in range(max(int(row["start"]), 1), len(ids)))
         return {**keep, "logp": logp, "error": error}
 
     # As in chat_stage: the sums are taken in a map that sees every row, failed ones included.

@@ -106,6 +106,30 @@ def test_prepare_pairs_writes_rejects_and_counts(tmp_path, tiny_model):
 
 # ---- data order ------------------------------------------------------------------------------------
 
+def test_the_vllm_reference_check_names_the_worst_sequence_and_refuses_above_the_tolerance(tmp_path, capsys):
+    from rayalign.llm import _logprob
+
+    vllm = [[-10.0, -20.0], [-30.0, -40.0]]                 # chosen of pairs a, b; rejected of a, b
+    transformers = [[-10.001, -20.004], [-30.0, -40.003]]
+    lengths = [[10, 2], [5, 30]]
+    check = reference.agreement(vllm, transformers, lengths, ["a", "b"], 1e-3)
+    # b's chosen: 0.004 over 2 tokens; b's rejected differs less per token though close in sum.
+    assert check["worst"] == "b (chosen)" and check["max_per_token"] == pytest.approx(0.002)
+    assert check["worst_summed"] == pytest.approx(0.004) and check["max_summed"] == pytest.approx(0.004)
+    with pytest.raises(RuntimeError, match=r"by up to 0.002 nats per token \(pair b \(chosen\): 0.004 summed\), above "
+                                           r"reference.tolerance 0.001; .*kept in " + str(tmp_path)):
+        reference.check_agreement(check, 1e-3, tmp_path)
+    reference.check_agreement(check, 3e-3, tmp_path)
+    assert "within 2.00e-03 nats per token (reference.tolerance 0.003)" in capsys.readouterr().out
+    # A log-prob of -inf on one side is the largest difference, and refused at any tolerance.
+    infinite = reference.agreement([[-1.0, float("-inf")]], [[-1.0, -2.0]], [[1, 1]], ["a", "b"], 1e-3)
+    assert infinite["worst"] == "b (chosen)" and infinite["max_per_token"] == float("inf")
+    with pytest.raises(RuntimeError, match="by up to inf nats per token"):
+        reference.check_agreement(infinite, 1e9, tmp_path)
+    # ray.data.llm's per-position dicts, keyed by token id as int or, after Arrow, as str.
+    assert _logprob({7: {"logprob": -0.5}}, 7) == _logprob({"7": {"logprob": -0.5}}, 7) == -0.5
+
+
 def test_schedule_uses_each_pair_once_per_epoch_and_splits_deterministically():
     s = Schedule(num_pairs=35, batch_size=8, micro_batch_size=2, num_workers=2, epochs=3, seed=7)
     assert (s.steps_per_epoch, s.total_steps, s.dropped_per_epoch, s.accumulation) == (4, 12, 3, 2)

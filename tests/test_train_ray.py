@@ -127,20 +127,31 @@ def test_reference_cache_reuse_staleness_and_values(ray_cluster, toy, tmp_path, 
             assert row[column] == pytest.approx(expected, abs=2e-4)
 
 
-def test_reference_from_vllm_prompt_logprobs_equals_the_forward_and_is_checked(ray_cluster, toy, tmp_path):
-    """reference.backend vllm: one engine scores each pair's two sequences; the log-probs equal the
-    transformers pass's within fp32 rounding, the first batch's agreement is in the manifest, and a
-    tolerance below it is refused, naming the key, when the cache is reused."""
+def test_reference_from_vllm_prompt_logprobs_equals_the_forward_and_is_checked(ray_cluster, toy, tmp_path, capsys):
+    """reference.backend vllm: one engine scores each pair's two sequences. A tolerance the first
+    batch does not meet stops the run, naming the key, with the log-probs kept; with the default
+    tolerance the next run reuses them, and they equal the transformers pass's within fp32
+    rounding; the first batch's figures are in the manifest and checked again on reuse."""
     import numpy as np
     import pyarrow.parquet as pq
-
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", 12)
     forward_path = run_reference(toy("ref", pairs_file=pairs))
     forward = pq.read_table(forward_path).to_pylist()
-    vllm = toy("ref", "reference.backend=vllm", "reference.batch_size=4", "reference.engine.max_model_len=128",
-               "reference.engine.gpu_memory_utilization=0.1", "reference.engine.batch_size=8", pairs_file=pairs)
-    path = run_reference(vllm)
+
+    def vllm(*overrides):
+        return toy("ref", "reference.backend=vllm", "reference.batch_size=4", "reference.engine.max_model_len=128",
+                   "reference.engine.gpu_memory_utilization=0.1", "reference.engine.batch_size=8", *overrides,
+                   pairs_file=pairs)
+
+    refused = (r"on the first 4 pairs vLLM's log-probs differ from the transformers forward by up to .* nats per "
+               r"token \(pair .* summed\), above reference.tolerance 1e-10; raise reference.tolerance \(the log-probs "
+               r"are kept in .* and will be reused\)")
+    with pytest.raises(RuntimeError, match=refused):
+        run_reference(vllm("reference.tolerance=1e-10"))
+    capsys.readouterr()
+    path = run_reference(vllm())
+    assert "rayalign: reusing tokenized pairs and reference log-probs" in capsys.readouterr().out
     assert path.parent != forward_path.parent  # a cache of its own
     rows = pq.read_table(path).to_pylist()
     assert [r["id"] for r in rows] == [r["id"] for r in forward]
@@ -149,14 +160,13 @@ def test_reference_from_vllm_prompt_logprobs_equals_the_forward_and_is_checked(r
         assert np.abs(got - want).max() < 1e-3
     manifest = json.loads((path.parent / "manifest.json").read_text())
     check = manifest["check"]
-    assert check["pairs"] == 4 and check["tolerance"] == 1e-3 and check["max_per_token"] < 1e-4
+    assert check["pairs"] == 4 and check["tolerance"] == 1e-10 and 1e-10 < check["max_per_token"] < 1e-4
+    assert check["worst_summed"] <= check["max_summed"] < 1e-3
     assert manifest["inputs"]["reference"]["backend"] == "vllm"
-
-    strict = toy("ref", "reference.backend=vllm", "reference.batch_size=4", "reference.engine.max_model_len=128",
-                 f"reference.tolerance={check['max_per_token'] / 2}", pairs_file=pairs)
-    with pytest.raises(RuntimeError, match=r"on the first 4 pairs vLLM's log-probs differ from the transformers "
-                                           r"forward by up to .* nats per token \(pair .*\), above reference.tolerance"):
-        run_reference(strict)
+    stamp = path.stat().st_mtime_ns
+    with pytest.raises(RuntimeError, match=refused):
+        run_reference(vllm("reference.tolerance=1e-10"))
+    assert path.stat().st_mtime_ns == stamp  # refused on reuse, not recomputed
 
 
 # ---- run A: ZeRO-2 ----------------------------------------------------------------------------------

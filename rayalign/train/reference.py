@@ -111,6 +111,7 @@ def fingerprint_inputs(config: RunConfig, precision: str, with_reference: bool) 
         inputs["reference"] = {"model": tree_digest(reference_model(config)), "precision": precision}
         if config.reference.backend == "vllm":  # equal to the transformers forward within the tolerance
             inputs["reference"]["backend"] = "vllm"
+            inputs["reference"]["engine_args"] = config.reference.engine.engine_args  # may change the numbers
         elif train.packing:  # computed as the policy will be: packed (equal to padded within fp32 rounding)
             inputs["reference"]["packed"] = True
     return inputs
@@ -135,9 +136,11 @@ def prepare_pairs(config: RunConfig, precision: str, with_reference: bool) -> Pr
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("fingerprint") == fingerprint:
-            if manifest.get("check"):  # measured when computed; the tolerance may have changed since
-                check_agreement(manifest["check"], tolerance(config, precision))
+        check = manifest.get("check")  # backend vllm: measured when computed, on reference.batch_size pairs
+        wanted = min(config.reference.batch_size, manifest.get("counts", {}).get("pairs", 0))
+        if manifest.get("fingerprint") == fingerprint and (not check or check["pairs"] >= wanted):
+            if check:  # the tolerance may have changed since
+                check_agreement(check, tolerance(config, precision), out)
             print(f"rayalign: reusing tokenized pairs{' and reference log-probs' * with_reference} from {out}")
             return Prepared(out / "pairs.parquet", manifest, reused=True)
 
@@ -182,6 +185,8 @@ def prepare_pairs(config: RunConfig, precision: str, with_reference: bool) -> Pr
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+    if check:  # kept either way: a run with a tolerance it meets reuses them
+        check_agreement(check, check["tolerance"], out)
     counts = report.counts()
     print(f"rayalign: tokenized {counts['pairs']} pairs into {out} ({counts['prompts_truncated']} prompts and "
           f"{counts['completions_truncated']} completions truncated, {counts['skipped']} skipped into "
@@ -257,15 +262,17 @@ def vllm_reference_pass(table, config: RunConfig, precision: str, pad: int):
     print(f"rayalign: reference log-probs of {len(table)} pairs from vLLM's prompt log-probs "
           f"(reference.backend vllm, {engine.dtype})", flush=True)
     started = time.perf_counter()
-    logps = np.full((2, len(table)), np.nan, dtype=np.float64)
+    logps = np.zeros((2, len(table)), dtype=np.float64)
+    seen = np.zeros(logps.shape, dtype=bool)
     ids = table.column("id").to_pylist()
     for row in score_stage(reference_model(config), engine)(ray.data.from_items(rows)).iter_rows():
-        if row["error"]:
-            side = ("chosen", "rejected")[row["side"]]
-            raise RuntimeError(f"reference.backend vllm: the engine failed on pair {ids[row['index']]!r} "
-                               f"({side}): {row['error']}")
+        side = ("chosen", "rejected")[row["side"]]
+        if row["error"] or not np.isfinite(row["logp"]):
+            raise RuntimeError(f"reference.backend vllm: the engine failed on pair {ids[row['index']]!r} ({side}): "
+                               f"{row['error'] or 'its log-prob is ' + str(row['logp'])}")
         logps[row["side"], row["index"]] = row["logp"]
-    if np.isnan(logps).any():
+        seen[row["side"], row["index"]] = True
+    if not seen.all():
         raise RuntimeError("the reference pass returned fewer rows than it was given")
 
     scored = time.perf_counter()
@@ -276,9 +283,6 @@ def vllm_reference_pass(table, config: RunConfig, precision: str, pad: int):
                       tolerance(config, precision))
     check["vllm_seconds"] = round(scored - started, 1)
     check["check_seconds"] = round(time.perf_counter() - scored, 1)
-    print(f"rayalign: vLLM agrees with the transformers forward on the first {check['pairs']} pairs within "
-          f"{check['max_per_token']:.2e} nats per token (tolerance {check['tolerance']:.0e})", flush=True)
-    check_agreement(check, check["tolerance"])
     return (logps[0].astype(np.float32), logps[1].astype(np.float32)), check
 
 
@@ -290,15 +294,22 @@ def agreement(vllm, transformers, lengths, ids: list[str], tolerance: float) -> 
 
     diff = np.abs(np.asarray(vllm, dtype=np.float64) - np.asarray(transformers, dtype=np.float64))
     per_token = diff / np.maximum(np.asarray(lengths), 1)
+    # A non-finite difference (a log-prob of -inf on one side) is the worst there is.
+    per_token = np.where(np.isfinite(per_token), per_token, np.inf)
     side, at = np.unravel_index(int(np.argmax(per_token)), per_token.shape)
-    return {"pairs": len(ids), "max_per_token": float(per_token[side, at]), "max_abs": float(diff.max()),
-            "worst": f"{ids[at]} ({('chosen', 'rejected')[side]})", "tolerance": tolerance}
+    return {"pairs": len(ids), "max_per_token": float(per_token[side, at]), "worst_summed": float(diff[side, at]),
+            "max_summed": float(np.nanmax(diff)), "worst": f"{ids[at]} ({('chosen', 'rejected')[side]})",
+            "tolerance": tolerance}
 
 
-def check_agreement(check: dict, tolerance: float) -> None:
-    if check["max_per_token"] > tolerance:
+def check_agreement(check: dict, tolerance: float, out: Path) -> None:
+    """Stop above the tolerance (the log-probs stay in `out`); else say how close the two are."""
+    if not check["max_per_token"] <= tolerance:
         raise RuntimeError(
             f"reference.backend vllm: on the first {check['pairs']} pairs vLLM's log-probs differ from the "
-            f"transformers forward by up to {check['max_per_token']:.3g} nats per token (pair {check['worst']}, "
-            f"{check['max_abs']:.3g} summed), above reference.tolerance {tolerance:g}; raise reference.tolerance "
-            f"or use reference.backend: transformers")
+            f"transformers forward by up to {check['max_per_token']:.3g} nats per token (pair {check['worst']}: "
+            f"{check['worst_summed']:.3g} summed), above reference.tolerance {tolerance:g}; raise "
+            f"reference.tolerance (the log-probs are kept in {out} and will be reused) or use "
+            f"reference.backend: transformers")
+    print(f"rayalign: vLLM agrees with the transformers forward on the first {check['pairs']} pairs within "
+          f"{check['max_per_token']:.2e} nats per token (reference.tolerance {tolerance:g})", flush=True)
