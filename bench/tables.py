@@ -53,14 +53,13 @@ def training(r: dict) -> str:
 def packing(r: dict) -> str:
     rows = ["| system | pairs/s (steady) | tokens/s | padding | share of matmul peak | logged mfu | reference pass s |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name in ("rayalign-packed", "rayalign-unpacked", "trl-micro2", "trl-micro4", "trl-micro8"):
+    for name in r.get("systems", ("rayalign-packed", "rayalign-unpacked", "trl-micro2", "trl-micro4", "trl-micro8")):
         x = r[name]
         mfu = f"{x['mfu']:.1%}" if "mfu" in x else "-"
         rows.append(f"| {name} | {x['pairs_per_s']} | {x['tokens_per_s']} | {x['padding_fraction']:.1%} | "
                     f"{x['matmul_peak_share']:.1%} | {mfu} | {x['reference_pass_s']} |")
-    return "\n".join(rows) + (f"\n\npacked / best TRL ({r['trl_best']}): {r['ratio_rayalign-packed_over_trl']}x; "
-                              f"unpacked / best TRL: {r['ratio_rayalign-unpacked_over_trl']}x; packed / unpacked: "
-                              f"{r['ratio_packed_over_unpacked']}x; {r['cpu']} ({', '.join(r['flags'])}), "
+    ratios = "; ".join(f"{k.removeprefix('ratio_').replace('_', ' ')}: {v}x" for k, v in r.items() if k.startswith("ratio_"))
+    return "\n".join(rows) + (f"\n\n{ratios}; best TRL: {r.get('trl_best', '-')}; {r['cpu']} ({', '.join(r['flags'])}), "
                               f"matmul peak {r['matmul_peak_gflops']} GFLOP/s")
 
 

@@ -5,15 +5,17 @@ precomputed reference) on the same pairs, batch, max length and precision, in on
 The pairs have answers of about 15 to 160 words (a CLAIR-like minimal revision: the rejected
 answer is the chosen one with a word changed or dropped) and prompts of 1 to 3 sentences. TRL's
 micro-batch is the fastest of 2, 4 and 8; rayalign unpacked uses micro-batch 4, packed the token
-budget of a padded micro-batch of 4 (2 x 4 x max_length). Reported per system: steady pairs/s
+budget of a padded micro-batch of 4 (2 x 4 x max_length), once sharing each pair's common
+beginning (`train.share_prefix`, the default) and once not. Reported per system: steady pairs/s
 and tokens/s (median over steps after the first), the padding fraction of the training forwards,
 and the share of the matmul peak (6 x parameters x real tokens/s over a 2048 x 2048 matmul
 measured in the same run, the same rule for every system); rayalign's own logged mfu beside it.
 
 TRL is installed into bench/.deps only (`make bench` does it):
     python -m pip install --target bench/.deps --no-deps trl==1.16.0 accelerate
-Usage: python bench/train_packing.py [--pairs 64] [--steps 4] [--out bench/results]
-Writes bench/results/train_packing.json.
+Usage: python bench/train_packing.py [--pairs 64] [--steps 4] [--systems a,b,...] [--out bench/results]
+(`--systems`: a subset of rayalign-packed, rayalign-packed-unshared, rayalign-unpacked, trl-micro2,
+trl-micro4, trl-micro8; default all). Writes bench/results/train_packing.json.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--systems", default=None, help="comma-separated subset of the systems (default: all)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
 
@@ -89,7 +92,12 @@ def main() -> None:
     results = {"model": f"SmolLM2-135M-Instruct ({parameters / 1e6:.1f}M parameters, {params['num_hidden_layers']} "
                         f"layers)", "precision": precision, "batch": BATCH, "max_length": MAX_LENGTH,
                "pairs": args.pairs, "steps": args.steps, **cpu_model()}
-    for name in ("rayalign-packed", "rayalign-unpacked", *(f"trl-micro{m}" for m in (2, 4, 8))):
+    names = ("rayalign-packed", "rayalign-packed-unshared", "rayalign-unpacked", *(f"trl-micro{m}" for m in (2, 4, 8)))
+    chosen = args.systems.split(",") if args.systems else list(names)
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        parser.error(f"--systems: unknown {', '.join(unknown)} (known: {', '.join(names)})")
+    for name in chosen:
         shutil.rmtree(out / f"packing-{name}", ignore_errors=True)
     peak = matmul_peak(precision)
     results["matmul_peak_gflops"] = round(peak / 1e9, 1)
@@ -97,23 +105,32 @@ def main() -> None:
     systems = {
         "rayalign-packed": lambda: bench_rayalign(model, pairs, out / "packing-rayalign-packed", precision, args.steps,
                                                   args.pairs, extra=("train.packing=true",), **common),
+        "rayalign-packed-unshared": lambda: bench_rayalign(
+            model, pairs, out / "packing-rayalign-packed-unshared", precision, args.steps, args.pairs,
+            extra=("train.packing=true", "train.share_prefix=false"), **common),
         "rayalign-unpacked": lambda: bench_rayalign(model, pairs, out / "packing-rayalign-unpacked", precision,
                                                     args.steps, args.pairs, **common),
         **{f"trl-micro{m}": (lambda m=m: bench_trl(model, pairs, out / f"packing-trl-micro{m}", precision, args.steps,
                                                     batch=BATCH, micro=m, max_length=MAX_LENGTH)) for m in (2, 4, 8)},
     }
-    for name, run in systems.items():
+    for name in chosen:
+        run = systems[name]
         print(f"bench: {name} ...", flush=True)
         result = run()
         result["matmul_peak_share"] = round(6 * parameters * result["tokens_per_s"] / peak, 3)
         results[name] = result
         print(f"bench: {name}: {json.dumps(result)}", flush=True)
-    trl = max((k for k in results if k.startswith("trl-")), key=lambda k: results[k]["pairs_per_s"])
-    results["trl_best"] = trl
-    for name in ("rayalign-packed", "rayalign-unpacked"):
-        results[f"ratio_{name}_over_trl"] = round(results[name]["pairs_per_s"] / results[trl]["pairs_per_s"], 2)
-    results["ratio_packed_over_unpacked"] = round(
-        results["rayalign-packed"]["pairs_per_s"] / results["rayalign-unpacked"]["pairs_per_s"], 2)
+    results["systems"] = chosen
+    trls = [k for k in chosen if k.startswith("trl-")]
+    if trls:
+        trl = max(trls, key=lambda k: results[k]["pairs_per_s"])
+        results["trl_best"] = trl
+        for name in (k for k in chosen if k.startswith("rayalign-")):
+            results[f"ratio_{name}_over_trl"] = round(results[name]["pairs_per_s"] / results[trl]["pairs_per_s"], 2)
+    for name in ("rayalign-packed-unshared", "rayalign-unpacked"):
+        if "rayalign-packed" in chosen and name in chosen:
+            results[f"ratio_packed_over_{name.removeprefix('rayalign-')}"] = round(
+                results["rayalign-packed"]["pairs_per_s"] / results[name]["pairs_per_s"], 2)
     results["command"] = "python " + " ".join(sys.argv)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
     out.mkdir(parents=True, exist_ok=True)

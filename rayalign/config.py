@@ -287,6 +287,10 @@ class TrainConfig:
     # can hold, 2 x micro_batch_size x max_length (its chosen and rejected rows).
     packing: bool = False
     tokens_per_micro_batch: int | None = None
+    # With packing: a pair's chosen and rejected share their common beginning (the prompt and the
+    # answers' tokens up to their first difference), computed once; default on. Same log-probs
+    # and gradient within rounding, fewer tokens.
+    share_prefix: bool | None = None
     # Each worker's peak FLOP/s for the mfu metric; default: measured once per worker at the start
     # (square matrix products in the compute precision, a practical peak).
     peak_flops: float | None = None
@@ -336,6 +340,7 @@ class TrainConfig:
         _check(self.max_prompt_length < self.max_length, f"{key}.max_prompt_length", "must be below max_length")
         _check(self.tokens_per_micro_batch is None or self.packing, f"{key}.tokens_per_micro_batch",
                "applies only with train.packing: true")
+        _check(self.share_prefix is None or self.packing, f"{key}.share_prefix", "applies only with train.packing: true")
         _check(self.tokens_per_micro_batch is None or self.tokens_per_micro_batch >= 2 * self.max_length,
                f"{key}.tokens_per_micro_batch", f"({self.tokens_per_micro_batch}) must hold the longest pair, "
                f"2 x max_length ({2 * self.max_length}) tokens")
@@ -355,6 +360,11 @@ class TrainConfig:
     @property
     def gradient_accumulation(self) -> int:
         return self.batch_size // (self.micro_batch_size * self.num_workers)
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether packed pairs compute their common beginning once (train.share_prefix)."""
+        return self.packing and self.share_prefix is not False
 
     @property
     def token_budget(self) -> int:

@@ -291,42 +291,48 @@ def step_config(model_dir: Path, zero_stage: int, *overrides: str):
 
 def check_packed_steps(model_dir: Path, rows: list[dict], pad_id: int, device, steps: int = 10) -> str:
     """The packed step (train.packing) against the padded one: `steps` steps from the same weights
-    over the same 4 pairs a step, packed into micro-batches of 128 tokens (unequal numbers of
-    pairs); every step's loss and log-probs agree within PACKED_TOLERANCE, relative."""
+    over the same 4 pairs a step, packed into micro-batches of 128 tokens, unshared (unequal
+    numbers of pairs) and sharing each pair's common beginning (train.share_prefix, the default);
+    every step's loss and log-probs agree within PACKED_TOLERANCE, relative."""
     import torch.distributed as dist
 
     from rayalign.train.data import pack_step, pair_tokens
     from rayalign.train.loop import _MEANS, train_step
 
-    padded_config = step_config(model_dir, 2)
-    packed_config = step_config(model_dir, 2, "train.packing=true", "train.tokens_per_micro_batch=128")
+    configs = {"padded": step_config(model_dir, 2),
+               "unshared": step_config(model_dir, 2, "train.packing=true", "train.share_prefix=false",
+                                       "train.tokens_per_micro_batch=128"),
+               "shared": step_config(model_dir, 2, "train.packing=true", "train.tokens_per_micro_batch=128")}
     step_rows = [[(4 * i + j) % len(rows) for j in range(4)] for i in range(steps)]
-    tokens = [pair_tokens(r) for r in rows]
-    sizes, worst, results = set(), 0.0, {}
-    for config in (padded_config, packed_config):
+    sizes, worst, results = {}, 0.0, {}
+    for name, config in configs.items():
         engine, kind = _engine(config, model_dir, device, steps)
+        tokens = [pair_tokens(r, config.shares_prefix) for r in rows]
         seen = []
         start = time.perf_counter()
         for indices in step_rows:
             split = pack_step(indices, tokens, config.token_budget, 1)[0] if config.packing else [indices]
             micro_batches = [[rows[k] for k in part] for part in split]
-            if config.packing:
-                sizes.add(tuple(len(part) for part in split))
+            sizes.setdefault(name, set()).add(tuple(len(part) for part in split))
             sums, _ = train_step(engine, None, micro_batches, config, pad_id, dist.all_reduce)
             seen.append(dict(zip(_MEANS, sums.cpu().tolist())))
         _synchronize(device)
-        results[config.packing] = (seen, time.perf_counter() - start)
-    _check(any(len(set(s)) > 1 for s in sizes), f"the packed micro-batches were all of one size: {sorted(sizes)}")
-    for step, (padded, packed) in enumerate(zip(results[False][0], results[True][0]), 1):
-        for name in ("loss", "logps/chosen", "logps/rejected"):
-            relative = abs(packed[name] - padded[name]) / max(abs(padded[name]), 1e-12)
-            worst = max(worst, relative)
-            _check(relative <= PACKED_TOLERANCE, f"{kind}, step {step}: the packed {name} is {packed[name]:.8f}, "
-                                                 f"the padded {padded[name]:.8f} (relative {relative:.1e} > "
-                                                 f"{PACKED_TOLERANCE})")
-    return (f"{kind}: {steps} packed steps ({', '.join(map(str, sorted(sizes)))} pairs per micro-batch) agree with "
-            f"the padded ones (max relative diff {worst:.1e} <= {PACKED_TOLERANCE}), "
-            f"{steps * 4 / results[True][1]:.1f} pairs/s packed, {steps * 4 / results[False][1]:.1f} padded")
+        results[name] = (seen, time.perf_counter() - start)
+    _check(any(len(set(s)) > 1 for s in sizes["unshared"]),
+           f"the packed micro-batches were all of one size: {sorted(sizes['unshared'])}")
+    for packing in ("unshared", "shared"):
+        for step, (padded, packed) in enumerate(zip(results["padded"][0], results[packing][0]), 1):
+            for name in ("loss", "logps/chosen", "logps/rejected"):
+                relative = abs(packed[name] - padded[name]) / max(abs(padded[name]), 1e-12)
+                worst = max(worst, relative)
+                _check(relative <= PACKED_TOLERANCE, f"{kind}, step {step}: the packed ({packing}) {name} is "
+                                                     f"{packed[name]:.8f}, the padded {padded[name]:.8f} (relative "
+                                                     f"{relative:.1e} > {PACKED_TOLERANCE})")
+    rate = {name: steps * 4 / seconds for name, (_, seconds) in results.items()}
+    return (f"{kind}: {steps} packed steps ({', '.join(map(str, sorted(sizes['unshared'])))} pairs per micro-batch; "
+            f"shared prefixes {', '.join(map(str, sorted(sizes['shared'])))}) agree with the padded ones (max relative "
+            f"diff {worst:.1e} <= {PACKED_TOLERANCE}), {rate['unshared']:.1f} pairs/s packed, {rate['shared']:.1f} "
+            f"shared, {rate['padded']:.1f} padded")
 
 
 def _engine(train, model_dir: Path, device, steps: int):

@@ -31,12 +31,21 @@ def tokenizer(tiny_model):
 
 
 def varied_rows(tokenizer, n: int = 6, seed: int = 0) -> list[dict]:
-    """Pairs of prompts and answers of very different lengths (up to about 60 tokens)."""
+    """Pairs of prompts and answers of very different lengths (up to about 60 tokens): every other
+    pair a minimal revision (rejected is chosen with a word changed or dropped, as CLAIR makes
+    them: a long common beginning), the others two unrelated answers."""
     rng = random.Random(seed)
     words = "the water flows over a stone while birds sing in old trees near quiet roads".split()
-    pairs = [{"id": f"v{i}", "prompt": " ".join(rng.choices(words, k=rng.randint(2, 20))),
-              "chosen": " ".join(rng.choices(words, k=rng.randint(1, 40))),
-              "rejected": " ".join(rng.choices(words, k=rng.randint(1, 40)))} for i in range(n)]
+    pairs = []
+    for i in range(n):
+        chosen = rng.choices(words, k=rng.randint(2, 40))
+        rejected = rng.choices(words, k=rng.randint(1, 40))
+        if i % 2 == 0:
+            rejected = list(chosen)
+            at = rng.randrange(len(chosen))
+            rejected[at:at + 1] = [] if rng.random() < 0.5 else ["stones" if chosen[at] != "stones" else "roads"]
+        pairs.append({"id": f"v{i}", "prompt": " ".join(rng.choices(words, k=rng.randint(2, 20))),
+                      "chosen": " ".join(chosen), "rejected": " ".join(rejected)})
     return tokenize_pairs(tokenizer, pairs, 128, 64).rows
 
 
@@ -62,24 +71,53 @@ def test_the_packed_row_restarts_positions_and_scores_only_completion_tokens():
     # prompt+chosen of each pair, then prompt+rejected of each
     assert row["input_ids"].tolist() == [[5, 6, 7, 8, 9, 3, 2, 5, 6, 4, 3, 1, 1]]
     assert row["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 0, 1, 2]]
-    assert row["bounds"].tolist() == [0, 5, 7, 10, 13]
+    assert row["blocks"].tolist() == [[0, 5, 0, 0], [5, 7, 5, 5], [7, 10, 7, 7], [10, 13, 10, 10]]
     # position t predicts token t + 1: the last prompt token and every answer token but the last
     assert row["keep"].tolist() == [1, 2, 3, 5, 8, 10, 11]
     assert row["targets"].tolist() == [7, 8, 9, 2, 4, 1, 1]
     assert row["owner"].tolist() == [0, 0, 0, 1, 2, 3, 3]
-    assert row["counts"].tolist() == [3, 1, 1, 2]
+    assert row["counts"].tolist() == [3, 1, 1, 2] and row["twice"].tolist() == []
 
 
-def test_packed_log_probs_and_gradients_equal_padded_on_the_tiny_model(tiny_model, tokenizer):
+def test_a_shared_row_computes_a_pairs_common_beginning_once():
+    from rayalign.train.data import pair_tokens
+
+    pairs = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8, 9, 2], "rejected_ids": [7, 8, 4, 2]},
+             {"prompt_ids": [], "chosen_ids": [3, 1], "rejected_ids": [3, 1, 1]}]  # chosen begins rejected
+    row = pack(pairs, share_prefix=True)
+    # pair 0: prompt and "7 8" once, the rest of chosen, then the rest of rejected at positions 4, 5
+    # pair 1: "3 1" once (no prompt), then rejected's last token at position 2
+    assert row["input_ids"].tolist() == [[5, 6, 7, 8, 9, 2, 4, 2, 3, 1, 1]]
+    assert row["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 4, 5, 0, 1, 2]]
+    # each rest of rejected attends to its pair's shared part (4 and 2 tokens) and causally to itself
+    assert row["blocks"].tolist() == [[0, 6, 0, 0], [6, 8, 0, 4], [8, 10, 8, 8], [10, 11, 8, 10]]
+    # chosen's predictions (pair 0 from its last prompt token), then rejected's own: its first
+    # differing token predicted from the end of the shared part, the rest from its own rows
+    assert row["keep"].tolist() == [1, 2, 3, 4, 3, 6, 8, 9]
+    assert row["targets"].tolist() == [7, 8, 9, 2, 4, 2, 1, 1]
+    assert row["owner"].tolist() == [0, 0, 0, 0, 2, 2, 1, 3]
+    # predictions inside a shared part count for the pair's rejected sequence too
+    assert row["twice"].tolist() == [0, 1, 6] and row["twice_owner"].tolist() == [2, 2, 3]
+    assert row["counts"].tolist() == [4, 1, 4, 2]  # as unshared: each sequence's own completion tokens
+    assert [pair_tokens(p, share_prefix=True) for p in pairs] == [8, 3]
+    assert [pair_tokens(p) for p in pairs] == [12, 5]
+
+
+@pytest.mark.parametrize("share_prefix", [False, True], ids=["unshared", "shared"])
+def test_packed_log_probs_and_gradients_equal_padded_on_the_tiny_model(tiny_model, tokenizer, share_prefix):
+    from rayalign.train.data import pair_tokens
+
     rows = varied_rows(tokenizer)
     padded_model, packed_model = models(tiny_model)
     assert packed_model.config._attn_implementation == PACKED_ATTENTION
     padded = pair_logps(padded_model, rows, tokenizer.pad_token_id)
-    packed = pair_logps(packed_model, rows, tokenizer.pad_token_id, packed=True)
+    packed = pair_logps(packed_model, rows, tokenizer.pad_token_id, packed=True, share_prefix=share_prefix)
     assert_close(packed, padded)
-    # the real tokens of both, and the padded one's padding
+    # the real tokens of both, and the padded one's padding; shared, fewer are computed
     real = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
-    assert packed["tokens"] == packed["slots"] == padded["tokens"] == real
+    assert padded["tokens"] == real
+    assert packed["tokens"] == packed["slots"] == sum(pair_tokens(r, share_prefix) for r in rows)
+    assert (packed["tokens"] < real - 6 * 10) if share_prefix else (packed["tokens"] == real)
     width = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows)
     assert padded["slots"] == 2 * len(rows) * width > real
     (padded["chosen"].sum() - padded["rejected"].sum()).backward()
@@ -97,13 +135,15 @@ def test_packed_log_probs_equal_padded_on_the_real_model(smollm2):
     padded_model = engine.load_model(str(smollm2), "fp32", trainable=False)
     packed_model = engine.load_model(str(smollm2), "fp32", trainable=False, packed=True)
     with torch.no_grad():
-        assert_close(pair_logps(packed_model, rows, tokenizer.pad_token_id, packed=True),
-                     pair_logps(padded_model, rows, tokenizer.pad_token_id))
+        padded = pair_logps(padded_model, rows, tokenizer.pad_token_id)
+        assert_close(pair_logps(packed_model, rows, tokenizer.pad_token_id, packed=True), padded)
+        assert_close(pair_logps(packed_model, rows, tokenizer.pad_token_id, packed=True, share_prefix=True), padded)
 
 
-def test_a_packed_model_refuses_a_forward_without_bounds(tiny_model, tokenizer):
+def test_a_packed_model_refuses_a_forward_without_blocks(tiny_model, tokenizer):
     _, packed_model = models(tiny_model)
-    with pytest.raises(ValueError, match=r"loaded for packed sequences .* call pair_logps\(\.\.\., packed=True\)"):
+    with pytest.raises(ValueError, match=r"loaded for packed sequences .* gave no blocks: call pair_logps\(\.\.\., "
+                                         r"packed=True\)"):
         pair_logps(packed_model, varied_rows(tokenizer, n=2), tokenizer.pad_token_id)
 
 
@@ -228,7 +268,7 @@ def test_the_reference_pass_packs_its_batch_within_the_budget(tiny_model, tokeni
         torch.set_num_threads(threads)
     parts = actor._parts([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows])
     sizes = [sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in part)
-             for part in parts]
+             for part in parts]  # unshared: the actor's share_prefix is off by default
     assert len(parts) > 1 and sum(len(part) for part in parts) == 8 and max(sizes) <= 256
     packed = actor(batch)
     assert packed["index"].tolist() == list(range(8))
@@ -247,6 +287,10 @@ def test_model_flops_and_the_run_throughput_by_hand():
     # sequences of 3 and 5 tokens: 6 x 1000 per token, attention 6 x 2 x 8 x length^2
     assert model_flops(shape, batch, lora=False) == 6000 * 8 + 96 * (9 + 25)
     assert model_flops(shape, batch, lora=True) == 4000 * 8 + 96 * (9 + 25)
+    # shared: prompt and "3" once (3 tokens), then "7" and "5 6": 6 tokens; attention over the
+    # 4 of prompt+chosen, and the 2 of the rest of rejected over themselves and the 3 shared
+    shared = [{"prompt_ids": [1, 2], "chosen_ids": [3, 7], "rejected_ids": [3, 5, 6]}]
+    assert model_flops(shape, shared, lora=False, share_prefix=True) == 6000 * 6 + 96 * (16 + 4 + 2 * 2 * 3)
     steps = [{"tokens/s": t, "pairs/s": p, "padding_fraction": f, "mfu": m}
              for t, p, f, m in ((10.0, 1.0, 0.5, 0.01), (100.0, 4.0, 0.2, 0.05), (300.0, 6.0, 0.4, 0.07),
                                 (200.0, 5.0, 0.0, 0.06))]
@@ -285,6 +329,7 @@ def test_the_report_shows_the_runs_throughput(tmp_path):
     (["train.packing=true", "train.offload_optimizer=true"],
      r"^train\.offload_optimizer: is not supported with train\.packing"),
     (["train.peak_flops=0"], r"^train\.peak_flops: must be positive"),
+    (["train.share_prefix=true"], r"^train\.share_prefix: applies only with train\.packing: true"),
 ])
 def test_packing_keys_are_checked(tmp_path, tiny_model, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -310,3 +355,5 @@ def test_packing_shapes_the_run_and_the_peak_does_not(tmp_path, tiny_model):
     packed = fields("train.packing=true")
     assert {k: v for k, v in packed.items() if plain.get(k) != v} == {"train.packing": True}
     assert fields("train.packing=true", "train.tokens_per_micro_batch=512")["train.tokens_per_micro_batch"] == 512
+    assert "train.share_prefix" not in packed  # on by default: a packed output made before it still resumes
+    assert fields("train.packing=true", "train.share_prefix=false")["train.share_prefix"] is False

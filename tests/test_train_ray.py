@@ -268,14 +268,15 @@ def test_zero3_on_the_fly_reference_follows_the_zero2_run(run_a, toy, tiny_model
 # ---- packed, under ZeRO-3 with the reference on the fly ---------------------------------------------
 
 def test_packed_zero3_run_with_uneven_micro_batches_follows_the_padded_run(run_a, toy, tiny_model):
-    """train.packing on two workers: each step's 8 pairs (42 tokens each) packed into micro-batches
+    """train.packing on two workers, pairs unshared (test_packing and gpu-check test the shared
+    forward and step against the padded ones): each step's 8 pairs (42 tokens each) packed into micro-batches
     of up to 128 tokens, 3 + 1 pairs on one worker and 2 + 2 on the other (three full ones, one
     halved so the workers run as many), under ZeRO-3 with the reference packed on the fly. The loss
     weighs each micro-batch by its pairs, so the run follows run A (padded, ZeRO-2) as run A's
     ZeRO-3 twin does, with no padding in its throughput."""
     _, baseline = run_a
     summary = run_train(toy("packed", *RUN_A, "train.zero_stage=3", "reference.on_the_fly=true", "train.packing=true",
-                            "train.tokens_per_micro_batch=128", "train.peak_flops=1e9"))
+                            "train.share_prefix=false", "train.tokens_per_micro_batch=128", "train.peak_flops=1e9"))
     metrics = read_jsonl(Path(summary["output"]) / "metrics.jsonl")
     theirs = read_jsonl(Path(baseline["output"]) / "metrics.jsonl")
     assert metrics[0]["loss"] == pytest.approx(1.0, abs=1e-6)

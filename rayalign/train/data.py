@@ -164,8 +164,8 @@ class Schedule:
     # by length before they are cut into micro-batches, so a micro-batch is padded less; the
     # pairs of a step, and so its gradient, stay the same.
     lengths: tuple[int, ...] | None = None
-    # Packing (train.packing): each pair's tokens (both sequences, 2 x prompt + chosen + rejected)
-    # and the most tokens in a micro-batch.
+    # Packing (train.packing): each pair's tokens in a packed row (pair_tokens) and the most tokens
+    # in a micro-batch.
     tokens: tuple[int, ...] | None = None
     token_budget: int | None = None
 
@@ -208,9 +208,20 @@ class Schedule:
                 for m in range(self.accumulation)]
 
 
-def pair_tokens(pair: dict) -> int:
-    """The tokens of a pair's two sequences, prompt+chosen and prompt+rejected: its share of a packed row."""
-    return 2 * len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"])
+def pair_tokens(pair: dict, share_prefix: bool = False) -> int:
+    """The tokens of a pair's two sequences, prompt+chosen and prompt+rejected: its share of a
+    packed row; with `share_prefix`, the prompt and the answers' common beginning once."""
+    total = len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"])
+    return total - (shared_prefix(pair) if share_prefix else -len(pair["prompt_ids"]))
+
+
+def shared_prefix(pair: dict) -> int:
+    """How many leading tokens chosen and rejected have in common."""
+    chosen, rejected = pair["chosen_ids"], pair["rejected_ids"]
+    k, most = 0, min(len(chosen), len(rejected))
+    while k < most and chosen[k] == rejected[k]:
+        k += 1
+    return k
 
 
 def pack_step(indices: list[int], tokens, budget: int, workers: int) -> list[list[list[int]]]:

@@ -11,6 +11,14 @@ ids restarting at 0 for each, and attention confined to each sequence by `packed
 the model must have been loaded with (`attn_implementation=PACKED_ATTENTION`, see
 `engine.load_model`). Only the positions that predict a completion token go through the output
 layer. Per-sequence log-probs equal the padded ones within fp32 rounding (the tests bound them).
+
+With `share_prefix` (train.share_prefix, on with packing), a pair's chosen and rejected share
+what they have in common: the prompt and the answers' common beginning (a CLAIR revision leaves
+most of an answer as it was) are computed once, followed by the rest of chosen; the rest of
+rejected comes after, its positions continuing from the shared part, attending to the shared part
+and causally to itself. A prediction inside the shared part counts for both sequences. The
+function of the weights is the same, so log-probs and gradients equal the unshared ones within
+rounding, with fewer tokens computed.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from rayalign.train.data import collate
 PACKED_ATTENTION = "rayalign_packed"
 
 
-def pair_logps(model, pairs: list[dict], pad_id: int, packed: bool = False) -> dict:
+def pair_logps(model, pairs: list[dict], pad_id: int, packed: bool = False, share_prefix: bool = False) -> dict:
     """Summed completion log-probs of each pair's chosen and rejected (float32 [B] each), their
     completion token counts, the real tokens in the forward (`tokens`) and the positions it
     computed (`slots`: tokens plus padding).
@@ -31,7 +39,7 @@ def pair_logps(model, pairs: list[dict], pad_id: int, packed: bool = False) -> d
     the last token of the shortest prompt on (`logits_to_keep`), which skips the prompts' share of
     the vocabulary projection and its softmax."""
     if packed:
-        return _packed_logps(model, pairs)
+        return _packed_logps(model, pairs, share_prefix)
     from rayalign.train.losses import sequence_logps
 
     batch = collate(pairs, pad_id)
@@ -49,48 +57,88 @@ def pair_logps(model, pairs: list[dict], pad_id: int, packed: bool = False) -> d
             "slots": int(input_ids.numel())}
 
 
-def pack(pairs: list[dict]) -> dict:
-    """The packed row of `pairs` (prompt+chosen of each pair, then prompt+rejected of each):
-    input_ids and position_ids [1, T]; `bounds` [2B + 1] where each sequence starts and ends
-    (int32, on the host); `keep` [K], the positions whose next token is a completion token,
-    `targets` [K] those tokens, `owner` [K] the sequence each belongs to and `counts` [2B] the
-    completion tokens each sequence scores. As in the padded
-    forward, a sequence's first token is never predicted (an empty prompt scores its answer from
-    the second token on)."""
+def pack(pairs: list[dict], share_prefix: bool = False) -> dict:
+    """The packed row of `pairs`: input_ids and position_ids [1, T]; `blocks` [N, 4] (int32, on
+    the host), the attention blocks in row order, each (start, end, prefix start, prefix end): its
+    positions attend causally among themselves and to all of the prefix (empty but where a
+    rejected answer's rest follows its shared part); `keep` [K], the positions whose next token is a
+    completion token, `targets` [K] those tokens, `owner` [K] the sequence each prediction counts
+    for (chosen of pair i is i, rejected B + i), `twice` and `twice_owner`, the predictions that
+    count for a second sequence too (inside a shared part) and that sequence, and `counts` [2B] the
+    completion tokens each sequence scores. Unshared, the row is prompt+chosen of each pair, then
+    prompt+rejected of each. As in the padded forward, a sequence's first token is never predicted
+    (an empty prompt scores its answer from the second token on)."""
     import torch
 
-    sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
-    ids, positions, bounds, keep, owner, counts = [], [], [0], [], [], []
-    for k, (prompt, answer) in enumerate(sequences):
-        start, length = len(ids), len(prompt) + len(answer)
-        ids.extend(prompt)
-        ids.extend(answer)
-        positions.extend(range(length))
-        bounds.append(start + length)
-        first = start + max(len(prompt), 1) - 1
-        keep.extend(range(first, start + length - 1))
-        owner.extend([k] * (start + length - 1 - first))
-        counts.append(start + length - 1 - first)
-    input_ids = torch.tensor([ids], dtype=torch.long)
-    keep = torch.tensor(keep, dtype=torch.long)
-    return {"input_ids": input_ids, "position_ids": torch.tensor([positions], dtype=torch.long),
-            "bounds": torch.tensor(bounds, dtype=torch.int32), "keep": keep, "targets": input_ids[0, keep + 1],
-            "owner": torch.tensor(owner, dtype=torch.long), "counts": torch.tensor(counts, dtype=torch.long)}
+    from rayalign.train.data import shared_prefix
+
+    n = len(pairs)
+    ids, positions, blocks, keep, targets, owner, twice, twice_owner = [], [], [], [], [], [], [], []
+    counts = [0] * (2 * n)
+
+    def predict(row: int, target: int, who: int, also: int | None = None) -> None:
+        if also is not None:
+            twice.append(len(keep))
+            twice_owner.append(also)
+        keep.append(row)
+        targets.append(target)
+        owner.append(who)
+
+    if not share_prefix:
+        sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + \
+                    [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+        for k, (prompt, answer) in enumerate(sequences):
+            start, sequence = len(ids), list(prompt) + list(answer)
+            ids.extend(sequence)
+            positions.extend(range(len(sequence)))
+            blocks.append((start, start + len(sequence), start, start))
+            first = max(len(prompt), 1) - 1
+            for q in range(first, len(sequence) - 1):
+                predict(start + q, sequence[q + 1], k)
+            counts[k] = len(sequence) - 1 - first
+    else:
+        for i, pair in enumerate(pairs):
+            prompt = list(pair["prompt_ids"])
+            chosen, rejected = prompt + list(pair["chosen_ids"]), prompt + list(pair["rejected_ids"])
+            shared = len(prompt) + shared_prefix(pair)       # chosen[:shared] == rejected[:shared]
+            a = len(ids)
+            ids.extend(chosen)
+            positions.extend(range(len(chosen)))
+            blocks.append((a, a + len(chosen), a, a))
+            b = len(ids)
+            if len(rejected) > shared:
+                ids.extend(rejected[shared:])
+                positions.extend(range(shared, len(rejected)))
+                blocks.append((b, b + len(rejected) - shared, a, a + shared))
+            first = max(len(prompt), 1) - 1
+            for q in range(first, len(chosen) - 1):  # inside the shared part, rejected's too
+                predict(a + q, chosen[q + 1], i, n + i if q <= shared - 2 else None)
+            for q in range(max(first, shared - 1), len(rejected) - 1):
+                predict(a + q if q < shared else b + q - shared, rejected[q + 1], n + i)
+            counts[i], counts[n + i] = len(chosen) - 1 - first, len(rejected) - 1 - first
+    return {"input_ids": torch.tensor([ids], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "blocks": torch.tensor(blocks, dtype=torch.int32).reshape(-1, 4),
+            "keep": torch.tensor(keep, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
+            "owner": torch.tensor(owner, dtype=torch.long), "twice": torch.tensor(twice, dtype=torch.long),
+            "twice_owner": torch.tensor(twice_owner, dtype=torch.long), "counts": torch.tensor(counts, dtype=torch.long)}
 
 
-def _packed_logps(model, pairs: list[dict]) -> dict:
+def _packed_logps(model, pairs: list[dict], share_prefix: bool) -> dict:
     import torch
     import torch.nn.functional as F
 
-    row = pack(pairs)
+    row = pack(pairs, share_prefix)
     device = next(model.parameters()).device
     keep, owner = row["keep"].to(device), row["owner"].to(device)
-    # The bounds stay on the host: packed_attention slices by them, with no device round trip.
+    # The blocks stay on the host: packed_attention slices by them, with no device round trip.
     logits = model(input_ids=row["input_ids"].to(device), position_ids=row["position_ids"].to(device),
-                   use_cache=False, logits_to_keep=keep, cu_seq_lens_q=row["bounds"]).logits[0]
+                   use_cache=False, logits_to_keep=keep, packed_blocks=row["blocks"]).logits[0]
     token_logps = -F.cross_entropy(logits.float(), row["targets"].to(device), reduction="none")
     counts = row["counts"].to(device)
     sums = torch.zeros(len(counts), dtype=torch.float32, device=device).index_add(0, owner, token_logps)
+    if len(row["twice"]):
+        sums = sums.index_add(0, row["twice_owner"].to(device), token_logps[row["twice"].to(device)])
     n = len(pairs)
     tokens = int(row["input_ids"].shape[1])
     return {"chosen": sums[:n], "rejected": sums[n:], "chosen_tokens": counts[:n], "rejected_tokens": counts[n:],
@@ -98,26 +146,36 @@ def _packed_logps(model, pairs: list[dict]) -> dict:
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     cu_seq_lens_q=None, **kwargs):
-    """Causal attention within each packed sequence (transformers' attention-function contract:
-    query [1, heads, T, dim], key and value [1, kv_heads, T, dim]; returns [1, T, heads, dim]).
+                     packed_blocks=None, **kwargs):
+    """Causal attention within each block of a packed row (transformers' attention-function
+    contract: query [1, heads, T, dim], key and value [1, kv_heads, T, dim]; returns
+    [1, T, heads, dim]); `packed_blocks` as `pack` makes them.
 
-    One scaled-dot-product call per sequence with `is_causal`, so no T x T mask is built and the
-    cost is the sum of each sequence's square, as padded, not the square of the row."""
+    One scaled-dot-product call per block: `is_causal` where it has no prefix, so no T x T mask is
+    built and the cost is the sum of each block's square, not the square of the row; a block after
+    a shared prefix attends to all of it and causally to itself (a mask of its own rows only)."""
     import torch
     import torch.nn.functional as F
 
-    if cu_seq_lens_q is None:
+    if packed_blocks is None:
         raise ValueError(f"the model was loaded for packed sequences ({PACKED_ATTENTION}) but the forward "
-                         "gave no sequence bounds: call pair_logps(..., packed=True)")
+                         "gave no blocks: call pair_logps(..., packed=True)")
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    bounds = cu_seq_lens_q.tolist()
     dropout = dropout if module.training else 0.0
-    parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
-                                            is_causal=True, scale=scaling)
-             for s, e in zip(bounds[:-1], bounds[1:])]
+    parts = []
+    for start, end, prefix_start, prefix_end in packed_blocks.tolist():
+        q = query[:, :, start:end]
+        if prefix_end == prefix_start:
+            parts.append(F.scaled_dot_product_attention(q, key[:, :, start:end], value[:, :, start:end],
+                                                        dropout_p=dropout, is_causal=True, scale=scaling))
+            continue
+        k = torch.cat([key[:, :, prefix_start:prefix_end], key[:, :, start:end]], dim=2)
+        v = torch.cat([value[:, :, prefix_start:prefix_end], value[:, :, start:end]], dim=2)
+        visible = torch.ones(end - start, k.shape[2], dtype=torch.bool, device=q.device).tril(
+            diagonal=prefix_end - prefix_start)
+        parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout, scale=scaling))
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 

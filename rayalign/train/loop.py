@@ -155,7 +155,7 @@ def train_step(engine, reference, micro_batches: list[list[dict]], train, pad_id
         engine.step()
         sums[:TOKENS] += row[:TOKENS] * len(batch)
         sums[TOKENS:FLOPS] += row[TOKENS:]
-        sums[FLOPS] += model_flops(shape, batch, train.lora.enabled)
+        sums[FLOPS] += model_flops(shape, batch, train.lora.enabled, train.shares_prefix)
     all_reduce(sums)
     sums[:TOKENS] /= train.batch_size
     if grad_norm is None:
@@ -171,18 +171,29 @@ def model_shape(module) -> dict:
             "layers": getattr(config, "num_hidden_layers", 0), "hidden": getattr(config, "hidden_size", 0)}
 
 
-def model_flops(shape: dict, batch: list[dict], lora: bool) -> float:
+def model_flops(shape: dict, batch: list[dict], lora: bool, share_prefix: bool = False) -> float:
     """The model FLOPs of one training micro-batch: per token 6 x parameters (forward 2, backward
     4; 4 with LoRA, whose frozen weights get no gradient), plus causal attention, 6 x layers x
     hidden x length^2 per sequence (its half of the score and value products, forward and backward).
-    The reference and the padding are not counted: this is the work the model needs."""
-    per_param = 4 if lora else 6
+    With `share_prefix` a pair's common beginning counts once, and the rest of rejected attends
+    to it (2 x its length x the shared length more). The reference and the padding are not
+    counted: this is the work the model needs."""
+    from rayalign.train.data import shared_prefix
+
+    per_param, attention = 4 if lora else 6, 6 * shape["layers"] * shape["hidden"]
     total = 0.0
     for pair in batch:
-        prompt = len(pair["prompt_ids"])
-        for answer in (pair["chosen_ids"], pair["rejected_ids"]):
-            length = prompt + len(answer)
-            total += per_param * shape["parameters"] * length + 6 * shape["layers"] * shape["hidden"] * length ** 2
+        prompt, chosen, rejected = len(pair["prompt_ids"]), len(pair["chosen_ids"]), len(pair["rejected_ids"])
+        if share_prefix:
+            shared = prompt + shared_prefix(pair)
+            rest = prompt + rejected - shared
+            tokens = prompt + chosen + rest
+            total += per_param * shape["parameters"] * tokens + attention * (
+                (prompt + chosen) ** 2 + rest ** 2 + 2 * rest * shared)
+            continue
+        for answer in (chosen, rejected):
+            length = prompt + answer
+            total += per_param * shape["parameters"] * length + attention * length ** 2
     return total
 
 
@@ -232,10 +243,10 @@ def _micro_batch_loss(engine, reference, batch: list[dict], train, pad_id: int):
     from rayalign.train.forward import pair_logps
     from rayalign.train.losses import LOSSES, per_token_nll
 
-    policy = pair_logps(engine, batch, pad_id, packed=train.packing)
+    policy = pair_logps(engine, batch, pad_id, packed=train.packing, share_prefix=train.shares_prefix)
     if reference is not None:
         with torch.no_grad():
-            ref = pair_logps(reference, batch, pad_id, packed=train.packing)
+            ref = pair_logps(reference, batch, pad_id, packed=train.packing, share_prefix=train.shares_prefix)
         ref_chosen, ref_rejected = ref["chosen"], ref["rejected"]
     else:
         # On the policy's device: on a GPU worker the stored columns must meet CUDA log-probs.

@@ -47,10 +47,11 @@ class ReferenceLogps:
     Call it with a batch of columns (index, prompt_ids, chosen_ids, rejected_ids); it returns
     index, ref_chosen_logps and ref_rejected_logps (float32). With `packed_budget` (train.packing)
     it packs the batch's pairs, in order, into forwards of at most that many tokens, as the policy
-    will be computed; `threads` is the torch threads of a CPU actor (its reference.cpus_per_actor)."""
+    will be computed (sharing each pair's common beginning with `share_prefix`); `threads` is the
+    torch threads of a CPU actor (its reference.cpus_per_actor)."""
 
     def __init__(self, model: str, precision: str, pad_id: int, device: str = "cpu",
-                 packed_budget: int | None = None, threads: int | None = None):
+                 packed_budget: int | None = None, threads: int | None = None, share_prefix: bool = False):
         import torch
 
         from rayalign.train.engine import load_model
@@ -59,7 +60,7 @@ class ReferenceLogps:
             torch.set_num_threads(threads)
         # On the GPU Ray gave the actor (num_gpus=1 with cluster.use_gpu), not on its host.
         self.model = load_model(model, precision, trainable=False, packed=packed_budget is not None).to(device)
-        self.pad_id, self.packed_budget = pad_id, packed_budget
+        self.pad_id, self.packed_budget, self.share_prefix = pad_id, packed_budget, share_prefix
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -72,7 +73,8 @@ class ReferenceLogps:
         chosen, rejected = [], []
         with torch.inference_mode():
             for part in self._parts(pairs):
-                out = pair_logps(self.model, part, self.pad_id, packed=self.packed_budget is not None)
+                out = pair_logps(self.model, part, self.pad_id, packed=self.packed_budget is not None,
+                                 share_prefix=self.share_prefix)
                 chosen.append(out["chosen"].float().cpu())
                 rejected.append(out["rejected"].float().cpu())
         return {"index": np.asarray(batch["index"]), "ref_chosen_logps": torch.cat(chosen).numpy(),
@@ -86,7 +88,7 @@ class ReferenceLogps:
 
         parts, tokens = [[]], 0
         for pair in pairs:
-            size = pair_tokens(pair)
+            size = pair_tokens(pair, self.share_prefix)
             if parts[-1] and tokens + size > self.packed_budget:
                 parts.append([])
                 tokens = 0
@@ -113,7 +115,7 @@ def fingerprint_inputs(config: RunConfig, precision: str, with_reference: bool) 
             inputs["reference"]["backend"] = "vllm"
             inputs["reference"]["engine_args"] = config.reference.engine.engine_args  # may change the numbers
         elif train.packing:  # computed as the policy will be: packed (equal to padded within fp32 rounding)
-            inputs["reference"]["packed"] = True
+            inputs["reference"]["packed"] = "shared prefixes" if train.shares_prefix else True
     return inputs
 
 
@@ -213,7 +215,7 @@ def reference_pass(table, config: RunConfig, precision: str, pad: int):
         fn_constructor_kwargs={"model": reference_model(config), "precision": precision, "pad_id": pad,
                                "device": "cuda" if config.cluster.use_gpu else "cpu",
                                "packed_budget": config.train.token_budget if config.train.packing else None,
-                               "threads": ref.cpus_per_actor},
+                               "threads": ref.cpus_per_actor, "share_prefix": config.train.shares_prefix},
         batch_size=ref.batch_size, compute=ray.data.ActorPoolStrategy(size=ref.concurrency), batch_format="numpy",
         num_cpus=ref.cpus_per_actor, num_gpus=1 if config.cluster.use_gpu else 0,
     )

@@ -34,7 +34,7 @@ _NOT_IN_RUN_ID = ("output", "storage_path", "max_failures", "keep_checkpoints", 
 
 # Keys added after runs existed count only when set, so a rerun into an output made before them
 # is not refused for a key it could not have had.
-_ADDED_LATER = {"packing": False, "tokens_per_micro_batch": None}
+_ADDED_LATER = {"packing": False, "tokens_per_micro_batch": None, "share_prefix": None}
 
 
 class TrainError(RuntimeError):
@@ -77,7 +77,7 @@ def run_train(config: RunConfig) -> dict:
     prompt, chosen, rejected = (pc.list_value_length(table.column(c)).to_numpy()
                                 for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
     lengths = tuple((prompt + np.maximum(chosen, rejected)).tolist())
-    packing = {"tokens": tuple((2 * prompt + chosen + rejected).tolist()), "token_budget": train.token_budget} \
+    packing = {"tokens": packed_sizes(table, train.shares_prefix), "token_budget": train.token_budget} \
         if train.packing else {}
     schedule = Schedule(len(table), train.batch_size, train.micro_batch_size, train.num_workers, train.epochs,
                         train.seed, lengths=lengths, **packing)
@@ -233,6 +233,15 @@ def shaping_fields(config: RunConfig, data_fingerprint: str, precision: str) -> 
     return {**flatten("train", train), "train.precision": precision,
             "train.pairs (tokenized, with reference log-probs)": data_fingerprint,
             "reference.on_the_fly": config.reference.on_the_fly, "reference.model": config.reference.model}
+
+
+def packed_sizes(table, share_prefix: bool) -> tuple[int, ...]:
+    """Each pair's tokens in a packed row (data.pair_tokens), from the tokenized pairs' table."""
+    from rayalign.train.data import pair_tokens
+
+    columns = [table.column(k).to_pylist() for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
+    return tuple(pair_tokens({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}, share_prefix)
+                 for p, c, r in zip(*columns))
 
 
 def _looks_local(name: str) -> bool:
