@@ -224,7 +224,7 @@ def test_the_micro_batch_loss_is_the_same_packed(tmp_path, tiny_model, tokenizer
 
 def test_the_reference_on_the_fly_lora_and_checkpointing_work_packed(tmp_path, tiny_model, tokenizer):
     """The on-the-fly reference packs like the policy; LoRA adapters and gradient checkpointing
-    keep the packed forward's bounds (the loss and the adapters' gradients as padded)."""
+    keep the packed forward's blocks (the loss and the adapters' gradients as padded)."""
     from rayalign.train.loop import _micro_batch_loss
 
     rows = varied_rows(tokenizer)
