@@ -164,11 +164,11 @@ def prepare_pairs(config: RunConfig, precision: str, with_reference: bool) -> Pr
         "index": pa.array(columns["index"], pa.int64()),
     })
     check = None
-    if with_reference and len(table) and config.reference.backend == "vllm":
-        logps, check = vllm_reference_pass(table, config, precision, pad_id(tokenizer))
-    elif with_reference and len(table):
-        logps = reference_pass(table, config, precision, pad_id(tokenizer))
     if with_reference and len(table):
+        if config.reference.backend == "vllm":
+            logps, check = vllm_reference_pass(table, config, precision, pad_id(tokenizer))
+        else:
+            logps = reference_pass(table, config, precision, pad_id(tokenizer))
         table = table.append_column("ref_chosen_logps", pa.array(logps[0], pa.float32()))
         table = table.append_column("ref_rejected_logps", pa.array(logps[1], pa.float32()))
 
