@@ -167,8 +167,7 @@ def score_stage(model: str, engine: EngineConfig):
     """A function from dataset to dataset: each row's `token_ids` (a whole sequence) is sent to vLLM
     as its prompt; the output row is the input row less the ids, plus `logp`, the sum of the
     log-probs of the tokens from `start` on (the first token has none) given all before them
-    (vLLM's prompt log-probs), and
-    `error` ('' when fine)."""
+    (vLLM's prompt log-probs), and `error` ('' when fine)."""
     from ray.data.llm import build_processor
 
     config = processor_config(model, engine)
