@@ -306,11 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     from rayalign.train.run import TrainError
 
     from rayalign.cluster import logs_dir, stop_ray
-    from rayalign.console import VERBOSE, quiet_libraries, verbose
+    from rayalign.console import VERBOSE, as_command, quiet_libraries, verbose
 
     if args.verbose:
         os.environ[VERBOSE] = "1"
     quiet_libraries()
+    as_command(True)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops a command as Ctrl-C does
     try:
@@ -333,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         stop_ray()  # the Ray this command started, and whatever it left
+        as_command(False)
 
 
 if __name__ == "__main__":

@@ -171,8 +171,9 @@ def connect(config: ClusterConfig, run_dir: str | Path | None = None):
     folder = logs_dir()
     linked = _link_logs(Path(run_dir), folder) if run_dir and folder else None
     if first and folder:
-        from rayalign.console import verbose
+        from rayalign.console import divert_native_stderr, verbose
 
+        divert_native_stderr(folder)
         where = f"{linked} (a link to {folder})" if linked else folder
         print(f"rayalign: the logs of Ray, vLLM and DeepSpeed are in {where}"
               f"{'' if verbose() else ' (--verbose shows them here)'}", flush=True)

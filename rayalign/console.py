@@ -8,8 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 VERBOSE = "RAYALIGN_VERBOSE"
+# Where a command's native stderr goes (see `divert_native_stderr`), in Ray's log folder.
+NATIVE_STDERR = "rayalign-driver-stderr.log"
+_command = False  # set by the `rayalign` command for its run; a library caller keeps its stderr
 
 
 def verbose() -> bool:
@@ -56,3 +60,33 @@ def quiet_ray_console() -> None:
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.setLevel(logging.ERROR)
+
+
+def as_command(on: bool) -> None:
+    """Mark this process as running a `rayalign` command (its console is the user's), or not."""
+    global _command
+    _command = on
+
+
+def divert_native_stderr(folder: str) -> Path | None:
+    """In a command, unless verbose: file descriptor 2 goes to `<folder>/NATIVE_STDERR`, while
+    Python's `sys.stderr` (the command's messages, a traceback) stays on the console. Ray's C++
+    core worker writes its errors straight to descriptor 2, among them one line for every actor
+    a Ray Data stage starts (its constructor arguments are in the object store); they are library
+    logs, kept in the log folder with the rest. Once per process; returns the file, or None."""
+    global _command
+    if not _command or verbose():
+        return None
+    try:
+        if sys.stderr.fileno() != 2:
+            return None
+    except (AttributeError, ValueError, OSError):  # replaced by a caller (a test's capture)
+        return None
+    _command = False  # once
+    path = Path(folder) / NATIVE_STDERR
+    sys.stderr.flush()
+    console = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    sys.stderr = os.fdopen(console, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    return path

@@ -122,3 +122,36 @@ def test_the_run_directory_links_to_the_newest_ray_log_folder(tmp_path):
     (mine / "logs" / "notes.txt").write_text("a user's own folder")
     assert _link_logs(mine, str(second)) is None  # left alone
     assert (mine / "logs" / "notes.txt").read_text() == "a user's own folder"
+
+
+NATIVE = """
+import sys
+import ray.data
+from rayalign.cluster import connect, stop_ray
+from rayalign.config import ClusterConfig
+from rayalign.console import as_command
+
+class Same:
+    def __call__(self, batch):
+        return batch
+
+as_command(True)
+connect(ClusterConfig(num_cpus=2), sys.argv[1])
+rows = ray.data.range(4).map_batches(Same, compute=ray.data.ActorPoolStrategy(size=1)).take_all()
+print("rows", len(rows))
+print("a command's own message", file=sys.stderr)
+stop_ray()
+"""
+
+
+def test_a_commands_native_stderr_goes_to_the_log_folder(tmp_path):
+    """Ray's C++ core worker writes an error line to descriptor 2 for every actor a Ray Data
+    stage starts; in a command it lands in the log folder, and Python's stderr stays."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("RAYALIGN_VERBOSE", "RAY_ADDRESS")}
+    done = subprocess.run([PYTHON, "-c", NATIVE, str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=environ)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rows 4" in done.stdout
+    assert done.stderr.strip() == "a command's own message", done.stderr
+    kept = (tmp_path / "run" / "logs" / "rayalign-driver-stderr.log").read_text()
+    assert "core_worker.cc" in kept and "has constructor arguments in the object store" in kept

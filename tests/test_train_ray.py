@@ -265,22 +265,26 @@ def test_zero3_on_the_fly_reference_follows_the_zero2_run(run_a, toy, tiny_model
     assert max_difference(load_weights(summary["final"]), load_weights(tiny_model)) > 1e-3
 
 
-# ---- packed, under ZeRO-3 with the reference on the fly ---------------------------------------------
+# ---- packed with shared prefixes, under ZeRO-3 with the reference on the fly --------------------------
 
-def test_packed_zero3_run_with_uneven_micro_batches_follows_the_padded_run(run_a, toy, tiny_model):
-    """train.packing on two workers, pairs unshared (test_packing and gpu-check test the shared
-    forward and step against the padded ones): each step's 8 pairs (42 tokens each) packed into micro-batches
-    of up to 128 tokens, 3 + 1 pairs on one worker and 2 + 2 on the other (three full ones, one
-    halved so the workers run as many), under ZeRO-3 with the reference packed on the fly. The loss
-    weighs each micro-batch by its pairs, so the run follows run A (padded, ZeRO-2) as run A's
-    ZeRO-3 twin does, with no padding in its throughput."""
+def test_packed_zero3_run_with_shared_prefixes_follows_the_padded_run(run_a, toy, tiny_model):
+    """train.packing on two workers with shared prefixes (the default: a pair's prompt and the
+    answers' digits before the changed one are computed once; test_packing tests the unshared
+    row too), each step's 8 pairs in micro-batches of up to 128 tokens, as many on each worker,
+    under ZeRO-3 with the reference packed on the fly. The loss weighs each micro-batch by its
+    pairs, so the run follows run A (padded, ZeRO-2) as run A's ZeRO-3 twin does, with no padding
+    and fewer tokens in its throughput."""
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM
+
     _, baseline = run_a
     summary = run_train(toy("packed", *RUN_A, "train.zero_stage=3", "reference.on_the_fly=true", "train.packing=true",
-                            "train.share_prefix=false", "train.tokens_per_micro_batch=128", "train.peak_flops=1e9"))
+                            "train.tokens_per_micro_batch=128", "train.peak_flops=1e9"))
     metrics = read_jsonl(Path(summary["output"]) / "metrics.jsonl")
     theirs = read_jsonl(Path(baseline["output"]) / "metrics.jsonl")
+    steps = read_jsonl(Path(summary["output"]) / "steps.jsonl")
     assert metrics[0]["loss"] == pytest.approx(1.0, abs=1e-6)
-    assert read_jsonl(Path(summary["output"]) / "steps.jsonl") == read_jsonl(Path(baseline["output"]) / "steps.jsonl")
+    assert steps == read_jsonl(Path(baseline["output"]) / "steps.jsonl")
     for ours, padded in zip(metrics[:16], theirs):
         assert ours["loss"] == pytest.approx(padded["loss"], abs=1e-5)
         assert ours["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
@@ -289,16 +293,26 @@ def test_packed_zero3_run_with_uneven_micro_batches_follows_the_padded_run(run_a
     # (test_packing measures the padding of sequences of different lengths).
     assert all(m["padding_fraction"] == 0 and m["mfu"] > 0 and m["tokens/s"] > 0 for m in metrics)
     assert all(m["padding_fraction"] == 0 and m["mfu"] > 0 for m in theirs)
-    # mfu: the model FLOPs of a step's 16 sequences of 21 tokens over train.peak_flops per worker
-    # (ZeRO-3 held shards: the count is the whole model's); tokens/s gives the step's seconds.
-    from transformers import AutoModelForCausalLM
-
+    # tokens/s and mfu, by hand from each step's pairs: a pair computes prompt+chosen (21 tokens)
+    # and the rest of rejected after the digits it shares with chosen; the rest attends to the
+    # shared part. mfu is those model FLOPs over train.peak_flops per worker (ZeRO-3 held
+    # shards: the count is the whole model's); tokens/s gives the step's seconds.
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    per_sequence = 6 * sum(p.numel() for p in model.parameters()) * 21 + \
-        6 * model.config.num_hidden_layers * model.config.hidden_size * 21 ** 2
-    for m in metrics:
-        seconds = 16 * 21 / m["tokens/s"]
-        assert m["mfu"] == pytest.approx(16 * per_sequence / seconds / (2 * 1e9), rel=1e-9)
+    parameters, layers, hidden = (sum(p.numel() for p in model.parameters()), model.config.num_hidden_layers,
+                                  model.config.hidden_size)
+    pairs = {row["id"]: row for row in pq.read_table(summary["pairs_file"]).to_pylist()}
+    for m, step in zip(metrics, steps):
+        tokens = flops = 0
+        for pair in (pairs[i] for i in step["ids"]):
+            prompt, chosen, rejected = pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]
+            assert len(prompt) + len(chosen) == len(prompt) + len(rejected) == 21
+            shared = len(prompt) + next(k for k, (a, b) in enumerate(zip(chosen, rejected)) if a != b)
+            rest = 21 - shared
+            tokens += 21 + rest
+            flops += 6 * parameters * (21 + rest) + 6 * layers * hidden * (21 ** 2 + rest ** 2 + 2 * rest * shared)
+        assert tokens < 16 * 21  # sharing computed fewer tokens than the 16 whole sequences
+        seconds = tokens / m["tokens/s"]
+        assert m["mfu"] == pytest.approx(flops / seconds / (2 * 1e9), rel=1e-9)
     assert summary["packing"] is True and summary["throughput"]["padding_fraction"] == 0
     assert summary["throughput"]["pairs/s"] == pytest.approx(
         sorted(m["pairs/s"] for m in metrics[1:])[len(metrics[1:]) // 2])
