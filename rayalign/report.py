@@ -2,7 +2,8 @@
 
 Sections: the pairs (chosen against rejected as a word-level diff, contrast statistics, the
 reviser's output; sortable, filterable by source and by reject reason), the rejects with their
-reasons and raw text, contrast histograms per pair source, training curves, and evaluation.
+reasons and raw text, contrast histograms per pair source (across every CLAIR output of the run),
+the training curves (the training stage's own `curves.png`), and evaluation.
 
 Prompts and answers are untrusted text: every piece of it is HTML-escaped on the server side,
 and the page's one inline script only filters and sorts rows that are already there. Plots are
@@ -96,21 +97,11 @@ def contrast_plot(pairs: list[dict]) -> str | None:
     return uri
 
 
-def training_plot(metrics: list[dict]) -> str | None:
-    if not metrics:
+def embedded_png(path: Path) -> str | None:
+    """A PNG a stage drew (training's curves.png), as a data URI the page carries with it."""
+    if not path.is_file():
         return None
-    plt = _plots()
-    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
-    fig, axes = plt.subplots(1, len(keys), figsize=(15, 3))
-    steps = [m["step"] for m in metrics]
-    for ax, key in zip(axes, keys):
-        ax.plot(steps, [m.get(key) for m in metrics])
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    uri = _png(fig)
-    plt.close(fig)
-    return uri
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def _throughput(metrics: list[dict]) -> str:
@@ -248,13 +239,14 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, sample: int
     shown_rejects = rng.sample(rejects, sample) if len(rejects) > sample else rejects
     metrics_files = sorted(run.rglob("train/metrics.jsonl"))
     metrics = [json.loads(line) for line in metrics_files[-1].read_text().splitlines()] if metrics_files else []
+    curves = embedded_png(metrics_files[-1].parent / "curves.png") if metrics_files else None
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>rayalign report: {html.escape(run.name)}</title>"
         f"<style>{_STYLE}</style></head><body><h1>rayalign report: {html.escape(str(run))}</h1>"
         f"<h2>Pairs</h2>{_pairs_table(shown_pairs, len(pairs))}"
         f"<h2>Rejects</h2>{_rejects_table(shown_rejects, len(rejects))}"
         f"<h2>Contrast</h2>{_image(contrast_plot(pairs), 'contrast histograms')}"
-        f"<h2>Training</h2>{_throughput(metrics)}{_image(training_plot(metrics), 'training curves')}"
+        f"<h2>Training</h2>{_throughput(metrics)}{_image(curves, 'training curves')}"
         f"<h2>Evaluation</h2>{_eval_section(run, sample)}"
         f"<script>{_SCRIPT}</script></body></html>")
     path = Path(out) if out else run / "report.html"

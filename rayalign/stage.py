@@ -1,6 +1,7 @@
 """How a stage's output records what made it, by one rule for every stage.
 
-- `fingerprint(*parts)`: a short hash of JSON-able parts (the config fields that shape an output);
+- `fingerprint(*parts)`: a short hash of JSON-able parts (the config fields that shape an output),
+  `digest(value)` the whole one;
 - `tree_digest(path)`: the content of a file or of the files under a folder (a model, a data set);
   files over 64 MiB count by their size and their first and last 8 MiB, so multi-GB weights are
   not read in full; a path that does not exist is taken to be a hub name and counts by its name;
@@ -22,8 +23,13 @@ SAMPLE = 8 * 2**20
 RECORD = "stage.json"
 
 
+def digest(value) -> str:
+    """The SHA-256 of a JSON-able value, keys sorted: the whole hash, where a cache keeps it."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(parts)[:16]
 
 
 def file_digest(path: Path) -> str:
@@ -59,14 +65,17 @@ def tree_digest(path: str | Path, names: tuple[str, ...] | None = None) -> str:
     return h.hexdigest()
 
 
-def guard(out: Path, fields: dict, write: bool = True, legacy: str | None = None) -> None:
+def guard(out: Path, fields: dict, write: bool = True, legacy: str | None = None, added: tuple[str, ...] = ()) -> None:
     """Refuse to add to `out` when it was made with other `fields` (dotted config keys and their
     values); otherwise record them (unless `write` is false: a dry run leaves no trace). `legacy`
-    names the file an earlier version kept the same fields in, without their section prefix."""
+    names the file an earlier version kept the same fields in, without their section prefix;
+    `added`, fields a later version added, which an output recorded without them is not refused
+    for."""
     saved = _saved(out, legacy, next(iter(fields), "").split(".")[0])
     if saved is not None:
         changed = [f"{key} ({_show(saved.get(key))} -> {_show(fields.get(key))})"
-                   for key in sorted(set(saved) | set(fields)) if saved.get(key) != fields.get(key)]
+                   for key in sorted(set(saved) | set(fields))
+                   if saved.get(key) != fields.get(key) and not (key in added and key not in saved)]
         if changed:
             raise ConfigError(f"{out} holds output made with other settings: {'; '.join(changed)}. "
                               f"Put back the old values, or use a new run_dir (or output), or remove {out}")

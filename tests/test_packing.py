@@ -357,3 +357,30 @@ def test_packing_shapes_the_run_and_the_peak_does_not(tmp_path, tiny_model):
     assert fields("train.packing=true", "train.tokens_per_micro_batch=512")["train.tokens_per_micro_batch"] == 512
     assert "train.share_prefix" not in packed  # on by default: a packed output made before it still resumes
     assert fields("train.packing=true", "train.share_prefix=false")["train.share_prefix"] is False
+
+
+def test_the_starting_model_shapes_the_run_by_content(tmp_path, tiny_model):
+    """The same train.model path holding other weights is another run; an output recorded before
+    the key existed still resumes."""
+    import shutil
+
+    from rayalign.stage import guard
+    from rayalign.train.run import MODEL_CONTENT, shaping_fields
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    fields = lambda: shaping_fields(train_config(tmp_path, model, tmp_path), "data", "fp32")
+    before = fields()
+    with open(model / "config.json", "a") as f:
+        f.write("\n")  # other bytes, the same path
+    after = fields()
+    assert {k: v for k, v in after.items() if before[k] != v} == {MODEL_CONTENT: after[MODEL_CONTENT]}
+
+    out = tmp_path / "train"
+    guard(out, before, added=(MODEL_CONTENT,))
+    with pytest.raises(ConfigError, match=r"train\.model \(content\) \("):
+        guard(out, after, added=(MODEL_CONTENT,))
+    older = tmp_path / "older"
+    guard(older, {k: v for k, v in before.items() if k != MODEL_CONTENT})
+    guard(older, after, added=(MODEL_CONTENT,))  # made before the key: not refused for it
+    assert json.loads((older / "stage.json").read_text())[MODEL_CONTENT] == after[MODEL_CONTENT]

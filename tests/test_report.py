@@ -1,5 +1,6 @@
 """`rayalign report`: the page checked through a real headless Chromium (selenium + chromedriver)."""
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 
 from rayalign import records
 from rayalign.report import word_diff, write_report
+from rayalign.train.logs import plot_curves
 from tests.conftest import ROOT
 
 HOSTILE = '<script>window.__pwned = 1</script><b>bold</b> & <img src=x onerror="window.__pwned=2">'
@@ -37,8 +39,10 @@ def make_run(run: Path) -> None:
     train = run / "train"
     train.mkdir(parents=True)
     metrics = [{"step": s, "loss": 1 - s / 10, "rewards/chosen": s / 10, "rewards/rejected": -s / 10,
-                "rewards/margins": s / 5, "rewards/accuracies": 1.0} for s in range(1, 6)]
+                "rewards/margins": s / 5, "rewards/accuracies": 1.0, "logps/chosen": -s, "logps/rejected": -2 * s,
+                "grad_norm": 1.0, "learning_rate": 1e-5} for s in range(1, 6)]
     (train / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    plot_curves(metrics, train / "curves.png")  # as the training stage draws them
     ev = run / "eval"
     ev.mkdir()
     (ev / "results.json").write_text(json.dumps({"kind": "exact", "data": "held-out", "results": {
@@ -101,6 +105,9 @@ def test_report_in_a_real_browser(tmp_path, browser):
 
     assert "45.2%" in browser.find_element(By.TAG_NAME, "body").text
     assert len(browser.find_elements(By.CSS_SELECTOR, "img[src^='data:image/png;base64,']")) == 2
+    # The training curves are the stage's own curves.png, carried in the page, not drawn again.
+    curves = browser.find_element(By.CSS_SELECTOR, "img[alt='training curves']").get_attribute("src")
+    assert base64.b64decode(curves.split(",", 1)[1]) == (run / "train" / "curves.png").read_bytes()
     artifacts = ROOT / "artifacts"
     artifacts.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(artifacts / "report.png"))

@@ -17,7 +17,6 @@ fingerprint and a fresh pass.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from rayalign.config import EngineConfig, RunConfig
 from rayalign.records import load_pairs, write_shard
-from rayalign.stage import tree_digest
+from rayalign.stage import digest, tree_digest
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -133,7 +132,7 @@ def prepare_pairs(config: RunConfig, precision: str, with_reference: bool) -> Pr
     """Tokenized pairs (with reference log-probs when `with_reference`), from the cache when
     its fingerprint matches, else computed now. Ray must be initialised for the reference pass."""
     inputs = fingerprint_inputs(config, precision, with_reference)
-    fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    fingerprint = digest(inputs)
     out = cache_root(config) / fingerprint[:16]
     manifest_path = out / "manifest.json"
     if manifest_path.exists():

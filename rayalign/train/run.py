@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import inspect
 import json
 import shutil
@@ -25,12 +24,16 @@ from pathlib import Path
 
 from rayalign import events
 from rayalign.config import ConfigError, RunConfig
-from rayalign.stage import flatten, guard
+from rayalign.stage import digest, flatten, guard, tree_digest
 
 # TrainConfig keys that do not change the trajectory, so they do not change the run name.
 _NOT_IN_RUN_ID = ("output", "storage_path", "max_failures", "keep_checkpoints", "checkpoint_every", "report_every",
                   "placement_strategy", "auto_sample", "cpus_per_worker", "peak_flops")
 
+
+# The starting model by content (rayalign.stage.tree_digest): the same path holding other weights
+# is another run. Added after runs existed, so an output recorded without it is not refused.
+MODEL_CONTENT = "train.model (content)"
 
 # Keys added after runs existed count only when set, so a rerun into an output made before them
 # is not refused for a key it could not have had.
@@ -85,7 +88,7 @@ def run_train(config: RunConfig) -> dict:
         raise ConfigError(f"train.batch_size: ({train.batch_size}) is more than the {len(table)} usable pairs "
                           f"of {train.pairs}")
     run_id = _run_id(config, prepared.manifest["fingerprint"], precision)
-    guard(output, shaping_fields(config, prepared.manifest["fingerprint"], precision))
+    guard(output, shaping_fields(config, prepared.manifest["fingerprint"], precision), added=(MODEL_CONTENT,))
     finished = output / "summary.json"
     if finished.exists() and (output / "final").exists():
         summary = json.loads(finished.read_text())
@@ -221,8 +224,7 @@ def detect_precision(config: RunConfig) -> str:
 
 def _run_id(config: RunConfig, data_fingerprint: str, precision: str) -> str:
     """A digest of `shaping_fields`: a run finished with the same id is reused as it is."""
-    shape = shaping_fields(config, data_fingerprint, precision)
-    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+    return digest(shaping_fields(config, data_fingerprint, precision))
 
 
 def shaping_fields(config: RunConfig, data_fingerprint: str, precision: str) -> dict:
@@ -230,7 +232,7 @@ def shaping_fields(config: RunConfig, data_fingerprint: str, precision: str) -> 
     train.output must keep (it resumes from the newest checkpoint, or finds the run finished)."""
     train = {k: v for k, v in dataclasses.asdict(config.train).items()
              if k not in _NOT_IN_RUN_ID and not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
-    return {**flatten("train", train), "train.precision": precision,
+    return {**flatten("train", train), MODEL_CONTENT: tree_digest(config.train.model), "train.precision": precision,
             "train.pairs (tokenized, with reference log-probs)": data_fingerprint,
             "reference.on_the_fly": config.reference.on_the_fly, "reference.model": config.reference.model}
 
