@@ -48,7 +48,7 @@ def clair(run: Path, name: str, model: str, reviser: dict) -> dict:
         subprocess.run([RAYALIGN, "clair", "--config", str(run / f"{name}.yaml")], stdout=log,
                        stderr=subprocess.STDOUT, check=True, env={**os.environ, "EMPTY_KEY": "EMPTY"})
     seconds = time.perf_counter() - started
-    summary = json.loads((run / name / "summary.json").read_text())
+    summary = json.loads((run / name / "manifest.json").read_text())
     return {"seconds": round(seconds, 1), "pairs": summary["pairs"], "rejects": summary["rejects_by_reason"],
             "jaccard_mean": summary["contrast"]["jaccard"]["mean"],
             "levenshtein_mean": summary["contrast"]["levenshtein"]["mean"], **correctness(run, name)}

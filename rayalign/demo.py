@@ -144,7 +144,7 @@ def run_demo(run_dir: str | Path, model: str = "student") -> int:
             data = prepare_data(run)
             print("rayalign demo: teaching the student addition (cached after the first run)")
             target = train_student(run / "student", check_rows=data["check"], **STUDENT)
-            student = json.loads((run / "student" / "student.json").read_text())
+            student = json.loads((run / "student" / "manifest.json").read_text())
             return {"path": str(target), "about": f"Student: {student['steps_run']} supervised steps, "
                                                   f"{student['accuracy']:.1%} on its check prompts"}
     else:
@@ -200,8 +200,8 @@ def write_summary(run: Path, manifest: dict, about: str, judged: dict | None = N
     contrast, example revisions and timings."""
     from rayalign.evaluate import family_table
 
-    clair = json.loads((run / "clair" / "summary.json").read_text())
-    train = json.loads((run / "train" / "summary.json").read_text())
+    clair = json.loads((run / "clair" / "manifest.json").read_text())
+    train = json.loads((run / "train" / "manifest.json").read_text())
     evaluation = manifest["result"]["eval"]
     accuracy = _accuracy_rows(evaluation)
     j, lev = clair["contrast"]["jaccard"], clair["contrast"]["levenshtein"]

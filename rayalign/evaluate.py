@@ -30,13 +30,14 @@ Kinds (`eval.kind`):
 Transient endpoint errors are retried with backoff (`clair.endpoint.Endpoint`); an example that
 still fails is recorded as failed: neither right nor wrong, and never dropped. Accuracy, win
 rate and agreement come with a Wilson 95% interval. Under `eval.output` (default
-<run_dir>/eval): results.json, results.md, results.png and examples.jsonl (every example with
-its response, for re-scoring).
+<run_dir>/eval): results.md, results.png, examples.jsonl (every example with its response, for
+re-scoring) and, written last, manifest.json (the results, rayalign.stage.finish).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import re
@@ -50,6 +51,7 @@ from rayalign.clair.revision import (VERDICT_SCHEMA, Unparsable, bounded, judge_
 from rayalign.clair.verifier import is_correct, normalize
 from rayalign.config import ConfigError, RunConfig
 from rayalign.records import DataError
+from rayalign.stage import finish, fingerprint
 
 Z95 = 1.959963984540054
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -411,9 +413,10 @@ def check_data(config: RunConfig) -> None:
         records.load_prompts(ev.data)
 
 
-def run_eval(config: RunConfig) -> dict:
+def run_eval(config: RunConfig, key: str | None = None) -> dict:
     """Evaluate the served models; writes results and examples under eval.output and returns
-    the results."""
+    the results, which `manifest.json` keeps under `key` (by default a fingerprint of the eval
+    settings; `rayalign pipeline` adds the served models' content)."""
     ev = config.eval
     if ev.data is None:
         raise ConfigError(f"eval.data: is required for kind {ev.kind!r} (a prompt or benchmark file)")
@@ -439,9 +442,9 @@ def run_eval(config: RunConfig) -> dict:
     with open(out / "examples.jsonl", "w", encoding="utf-8") as f:
         for e in examples:
             f.write(json.dumps(e, ensure_ascii=False) + "\n")
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "results.md").write_text(markdown(summary), encoding="utf-8")
     plot(summary, out / "results.png")
+    finish(out, "eval", key or fingerprint(dataclasses.asdict(ev)), summary)  # last
     return summary
 
 

@@ -15,12 +15,11 @@ timings.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from rayalign.config import ConfigError, RunConfig
 from rayalign.driver import Run
-from rayalign.stage import fingerprint, tree_digest
+from rayalign.stage import finished, fingerprint, summary_of, tree_digest
 
 
 def round_config(config: RunConfig, round_index: int, policy: str) -> RunConfig:
@@ -99,19 +98,16 @@ def serve_and_evaluate(config: RunConfig) -> dict:
     out = Path(config.eval.output)
     key = fingerprint(dataclasses.asdict(config.eval), {name: tree_digest(path)
                                                         for name, path in config.serve.models.items()})
-    done = out / "results.json"
-    if done.exists() and json.loads(done.read_text()).get("fingerprint") == key:
+    done = finished(out, key)
+    if done:
         print(f"rayalign pipeline: evaluation of {', '.join(config.serve.models)} is up to date in {out}")
-        return json.loads(done.read_text())
+        return summary_of(done)
     # The deployment lives as long as this process's Ray: start or join it here, since every
     # earlier stage may have been cached and never needed Ray.
     connect(config.cluster, config.run_dir)
     serve_models(config, config.serve.models, detach=True)
     try:
-        results = run_eval(config)
+        return run_eval(config, key)
     finally:
         if not config.serve.keep:
             serve_shutdown(config)
-    results["fingerprint"] = key
-    done.write_text(json.dumps(results, indent=2))
-    return results

@@ -97,13 +97,13 @@ def run_replicate(run_dir: str | Path, seeds=SEEDS, sets=tuple(SETS), losses=LOS
         print(f"rayalign replicate: student seed {seed} (cached after the first run)", flush=True)
         student = driver.stage(f"seed-{seed}/student", lambda: train_student(
             seed_dir / "student", check_rows=data["check"], **{**STUDENT, "seed": seed}))
-        info = json.loads((student / "student.json").read_text())
+        info = json.loads((student / "manifest.json").read_text())
         seeds_info.append({"seed": seed, "student_seed": info["seed"], "student_check_accuracy": info["accuracy"]})
         if "stronger" in sets:
             print(f"rayalign replicate: seed {seed}: the stronger model (cached after the first run)", flush=True)
             stronger = driver.stage(f"seed-{seed}/stronger", lambda: train_student(
                 seed_dir / "stronger", check_rows=data["check"], seed=info["seed"], start_from=student, **STRONGER))
-            info = json.loads((stronger / "student.json").read_text())
+            info = json.loads((stronger / "manifest.json").read_text())
             seeds_info[-1].update(stronger_seed=info["seed"], stronger_check_accuracy=info["accuracy"])
         for index, set_name in enumerate(sets):
             raw = cell_config(run, seed_dir, student, set_name, None, overrides)

@@ -58,7 +58,9 @@ def _read(folder: Path) -> list[dict]:
 
 
 def _clair_dirs(run: Path) -> list[Path]:
-    return sorted({p.parent for p in run.rglob("pairs") if p.is_dir() and (p.parent / "summary.json").exists()})
+    # manifest.json, or summary.json in an output made before stage manifests
+    return sorted({p.parent for p in run.rglob("pairs") if p.is_dir() and any(
+        (p.parent / name).exists() for name in ("manifest.json", "summary.json"))})
 
 
 def _png(fig) -> str:
@@ -154,7 +156,8 @@ def _rejects_table(rejects: list[dict], total: int) -> str:
 
 
 def _eval_section(run: Path, sample: int) -> str:
-    results_file = next(iter(sorted(run.rglob("eval/results.json"))), None)
+    # manifest.json, or results.json in an evaluation made before stage manifests
+    results_file = next(iter(sorted(run.rglob("eval/manifest.json")) + sorted(run.rglob("eval/results.json"))), None)
     if results_file is None:
         return "<p>No evaluation in this run.</p>"
     summary = json.loads(results_file.read_text())

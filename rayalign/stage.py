@@ -7,13 +7,18 @@
   not read in full; a path that does not exist is taken to be a hub name and counts by its name;
 - `guard(out, fields)`: `<out>/stage.json` keeps the fields that shaped the output; a rerun with
   the same fields continues it, one with other fields is refused, naming every key that changed
-  with its old and new value.
+  with its old and new value;
+- `finish(out, stage, key, summary)`: `<out>/manifest.json`, the last file a stage writes: the
+  stage, its key, when it finished and its summary; `finished(out, key)` reads it back, so an
+  output with a manifest of the same key is complete and reused as it is.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 from rayalign.config import ConfigError
@@ -21,6 +26,9 @@ from rayalign.config import ConfigError
 LARGE_FILE = 64 * 2**20
 SAMPLE = 8 * 2**20
 RECORD = "stage.json"
+MANIFEST = "manifest.json"
+# What `finish` adds to a stage's summary.
+ENVELOPE = ("stage", "key", "finished")
 
 
 def digest(value) -> str:
@@ -82,6 +90,34 @@ def guard(out: Path, fields: dict, write: bool = True, legacy: str | None = None
     if write:
         out.mkdir(parents=True, exist_ok=True)
         (out / RECORD).write_text(json.dumps(fields, indent=2, sort_keys=True))
+
+
+def finish(out: Path, stage: str, key: str, summary: dict) -> dict:
+    """Write `<out>/manifest.json` whole (a kill or a reader meanwhile never meets half a file):
+    the stage's name, its key (the fingerprint of what shaped the output), when it finished, and
+    its summary. A stage writes it last, after everything the summary describes."""
+    record = {"stage": stage, "key": key,
+              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), **summary}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    part = out / f".{MANIFEST}.{os.getpid()}.tmp"
+    part.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(part, out / MANIFEST)
+    return record
+
+
+def finished(out: Path, key: str | None = None) -> dict | None:
+    """The manifest of `out` when it has one (made with `key`, if given), else None."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if key is None or record.get("key") == key else None
+
+
+def summary_of(record: dict) -> dict:
+    """A manifest without what `finish` added: the stage's own summary."""
+    return {k: v for k, v in record.items() if k not in ENVELOPE}
 
 
 def flatten(prefix: str, value) -> dict:

@@ -8,14 +8,13 @@ others by a digit or two, which is what CLAIR's minimal revisions are for.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import shutil
 import time
 from pathlib import Path
 
 from rayalign.models import init_model
+from rayalign.stage import MANIFEST, finish, finished, fingerprint, tree_digest
 from rayalign.tasks import addition_row, vocabulary_texts
 
 
@@ -48,21 +47,20 @@ def train_student(out_dir: str | Path, steps: int = 600, lr: float = 1e-3, batch
     """
     out = Path(out_dir)
     recipe = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "target": target_accuracy,
-              "attempts": attempts,
-              "check": hashlib.sha256(json.dumps([r["id"] for r in check_rows or []]).encode()).hexdigest()[:16]}
-    if start_from:
-        recipe["start_from"] = str(start_from)
-    marker = out / "student.json"
-    if marker.exists() and json.loads(marker.read_text()).get("recipe") == recipe:
+              "attempts": attempts, "check": fingerprint([r["id"] for r in check_rows or []])}
+    if start_from:  # by content: a model taught again at the same path is another start
+        recipe["start_from"] = tree_digest(start_from)
+    key = fingerprint(recipe)
+    if finished(out, key):
         return out
-    # The marker goes first: a run stopped mid-way must not leave a stale marker beside new weights.
-    marker.unlink(missing_ok=True)
+    # The manifest goes first: a run stopped mid-way must not leave a stale one beside new weights.
+    (out / MANIFEST).unlink(missing_ok=True)
     started = time.perf_counter()
     history = []
     for attempt_seed in range(seed, seed + attempts):
         if start_from:
             shutil.rmtree(out, ignore_errors=True)
-            shutil.copytree(start_from, out, ignore=shutil.ignore_patterns("student.json"))
+            shutil.copytree(start_from, out, ignore=shutil.ignore_patterns(MANIFEST, "student.json"))
         else:
             init_model(out, "tiny", tokenizer_kind="word", seed=attempt_seed, texts=vocabulary_texts())
         steps_run, accuracy = _teach(out, steps, lr, batch_size, attempt_seed, log_every, target_accuracy, check_rows)
@@ -70,8 +68,8 @@ def train_student(out_dir: str | Path, steps: int = 600, lr: float = 1e-3, batch
         if target_accuracy is None or accuracy >= target_accuracy:
             break
         print(f"  student seed {attempt_seed} stayed at {accuracy:.1%}; trying the next seed", flush=True)
-    marker.write_text(json.dumps({"recipe": recipe, **history[-1], "attempts": history,
-                                  "seconds": round(time.perf_counter() - started, 1)}))
+    finish(out, "student", key, {"recipe": recipe, **history[-1], "attempts": history,
+                                 "seconds": round(time.perf_counter() - started, 1)})
     return out
 
 

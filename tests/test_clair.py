@@ -12,8 +12,9 @@ import yaml
 
 from rayalign import records
 from rayalign.clair import contrast, verifier
-from rayalign.clair.pipeline import run_clair
+from rayalign.clair.pipeline import run_clair, shaping_fields
 from rayalign.config import ConfigError, load_config
+from rayalign.stage import fingerprint
 from rayalign.tasks import addition_prompts
 from tests.conftest import PYTHON, ROOT, SERVER_KEY
 from tests.fault_proxy import FaultProxy
@@ -119,7 +120,8 @@ def test_verifier_pairs_exactly_once_after_a_kill(tmp_path, student, ray_session
     assert set(reasons.values()) <= {"already_correct", "answer_too_long"}
     assert pairs, "a partly trained student makes near misses"
 
-    saved = json.loads((out / "summary.json").read_text())
+    saved = json.loads((out / "manifest.json").read_text())  # written last, keyed by the shaping settings
+    assert (saved["stage"], saved["key"]) == ("clair", fingerprint(shaping_fields(config)))
     assert saved["pairs"] == len(pairs) == summary["pairs"]
     assert saved["rejects"] == len(rejects)
     assert sum(saved["rejects_by_reason"].values()) == len(rejects)

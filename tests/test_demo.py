@@ -14,9 +14,9 @@ def test_summary_shows_families_the_judge_and_real_revisions(tmp_path):
     (tmp_path / "clair").mkdir()
     (tmp_path / "train").mkdir()
     contrast = {"jaccard": {"mean": 0.8, "median": 0.85}, "levenshtein": {"mean": 5.2, "median": 4.0}}
-    (tmp_path / "clair" / "summary.json").write_text(json.dumps(
+    (tmp_path / "clair" / "manifest.json").write_text(json.dumps(
         {"pairs": 2, "rejects_by_reason": {"already_correct": 3, "no_answer": 1, "tie": 0}, "contrast": contrast}))
-    (tmp_path / "train" / "summary.json").write_text(json.dumps(
+    (tmp_path / "train" / "manifest.json").write_text(json.dumps(
         {"steps": 16, "final_metrics": {"loss": 0.95, "rewards/chosen": 0.01, "rewards/rejected": -0.05}}))
     ask = [{"role": "user", "content": "What is the capital of Kenya?"}]
     write_shard([{"id": "b", "prompt": ask, "chosen": [{"role": "assistant", "content": "It is Nairobi."}],

@@ -99,7 +99,7 @@ def test_pipeline_resumes_after_a_stop(tmp_path, student, ray_session):
     assert stages["clair"]["pairs"] > 0
     # CLAIR sent nothing again and the reference pass was reused, not recomputed.
     assert sorted(p.name for p in (run / "clair").rglob("part-*")) == shards
-    assert json.loads((run / "clair" / "summary.json").read_text())["this_run"]["pairs"] == 0
+    assert json.loads((run / "clair" / "manifest.json").read_text())["this_run"]["pairs"] == 0
     assert (reference[0] / "pairs.parquet").stat().st_mtime_ns == reference_mtime
     assert stages["train"]["reference_reused"] == 1
     assert (run / "train" / "final" / "model.safetensors").exists()
@@ -118,7 +118,15 @@ def test_pipeline_resumes_after_a_stop(tmp_path, student, ray_session):
     saved = json.loads((run / "manifest.json").read_text())
     assert saved["git_commit"] and "ray" in saved["packages"] and saved["config"]["train"]["batch_size"] == 8
 
+    # Every stage's output ends with its manifest (rayalign.stage.finish).
+    for folder, stage in ((run / "clair", "clair"), (reference[0], "reference"), (run / "train", "train"),
+                          (run / "eval", "eval")):
+        assert json.loads((folder / "manifest.json").read_text())["stage"] == stage
+    assert json.loads((reference[0] / "manifest.json").read_text())["key"].startswith(reference[0].name)
+
     # A third submission finds everything done: the evaluation is reused, nothing is served.
+    evaluated = (run / "eval" / "manifest.json").read_text()
     again = run_pipeline(load_config(path))
-    assert again["result"]["eval"]["fingerprint"] == evaluation["fingerprint"]
+    assert again["result"]["eval"] == evaluation
+    assert (run / "eval" / "manifest.json").read_text() == evaluated
     assert again["stages"]["serve+eval"]["seconds"] < 5

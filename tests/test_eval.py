@@ -1,6 +1,7 @@
 """Evaluation: scoring rules and counting by value, then `run_eval` end to end through the
 shared Ray Serve deployment (tests/serve_fixtures.py), with faults injected by a proxy."""
 
+import dataclasses
 import json
 import random
 import re
@@ -17,6 +18,7 @@ from rayalign.evaluate import (accuracy, agreement, choice_item, family_accuracy
                                tally_judgments, wilson)
 from rayalign.questions import FAMILIES, question_prompts
 from rayalign.records import BadRow, DataError
+from rayalign.stage import fingerprint
 from rayalign.tasks import addition_prompts
 from tests.fault_proxy import FaultProxy
 
@@ -240,7 +242,9 @@ def test_exact_eval_through_the_endpoint_matches_direct_scoring(tmp_path, served
         assert tuple(result["ci95"]) == pytest.approx(wilson(rescored, 24))
 
     out = tmp_path / "run" / "eval"
-    assert json.loads((out / "results.json").read_text())["results"] == json.loads(json.dumps(summary["results"]))
+    saved = json.loads((out / "manifest.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(summary["results"]))
+    assert (saved["stage"], saved["key"]) == ("eval", fingerprint(dataclasses.asdict(config.eval)))
     table = (out / "results.md").read_text()
     acc = summary["results"]["aligned"]
     assert f"| aligned | {100 * acc['accuracy']:.1f}% |" in table and f"| {acc['correct']} / 24 | 0 |" in table
@@ -415,7 +419,7 @@ def test_exact_eval_scores_each_family_through_the_endpoint(tmp_path, served):
     assert summary["results"]["aligned"]["by_family"]["addition"]["correct"] >= 3
 
     out = output_dir(config)
-    assert json.loads((out / "results.json").read_text())["results"] == json.loads(json.dumps(summary["results"]))
+    assert json.loads((out / "manifest.json").read_text())["results"] == json.loads(json.dumps(summary["results"]))
     table = (out / "results.md").read_text()
     cells = [summary["results"][m]["by_family"]["addition"] for m in ("aligned", "base")]
     row = " | ".join(f"{100 * c['accuracy']:.1f}% ({c['correct']} / 6)" for c in cells)

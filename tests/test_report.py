@@ -35,7 +35,7 @@ def make_run(run: Path) -> None:
     records.write_shard(pairs, clair / "pairs" / "part-a.jsonl")
     records.write_shard([{"id": "r1", "reason": "identical", "detail": "no change", "raw": HOSTILE, "prompt": "q",
                           "answer": "a"}], clair / "rejects" / "part-b.jsonl")
-    (clair / "summary.json").write_text("{}")
+    (clair / "manifest.json").write_text("{}")
     train = run / "train"
     train.mkdir(parents=True)
     metrics = [{"step": s, "loss": 1 - s / 10, "rewards/chosen": s / 10, "rewards/rejected": -s / 10,
@@ -45,7 +45,7 @@ def make_run(run: Path) -> None:
     plot_curves(metrics, train / "curves.png")  # as the training stage draws them
     ev = run / "eval"
     ev.mkdir()
-    (ev / "results.json").write_text(json.dumps({"kind": "exact", "data": "held-out", "results": {
+    (ev / "manifest.json").write_text(json.dumps({"kind": "exact", "data": "held-out", "results": {
         "base": {"accuracy": 0.452, "ci95": [0.409, 0.496], "correct": 226, "scored": 500, "failed": 0}}}))
     (ev / "examples.jsonl").write_text(json.dumps({"model": "base", "answer": HOSTILE, "correct": False}) + "\n")
 

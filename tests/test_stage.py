@@ -72,3 +72,36 @@ def test_a_model_is_fingerprinted_by_content_not_by_time(tmp_path):
     assert tree_digest(model) == before
     (model / "config.json").write_text('{"hidden_size": 9}')
     assert tree_digest(model) != before
+
+
+def test_a_student_is_reused_by_its_recipe_and_a_stronger_one_follows_its_starting_weights(tmp_path):
+    """The student's folder ends with its manifest (stage.finish), keyed by its recipe; a model
+    taught on from it is keyed by the starting weights' content, so a student taught again at the
+    same path makes the stronger one taught again too."""
+    from rayalign.stage import fingerprint, tree_digest
+    from rayalign.student import train_student
+    from rayalign.tasks import addition_prompts
+
+    check = addition_prompts(4, seed=5)
+    student = train_student(tmp_path / "student", steps=2, log_every=1, check_rows=check)
+    saved = json.loads((student / "manifest.json").read_text())
+    recipe = {"steps": 2, "lr": 1e-3, "batch_size": 64, "seed": 0, "target": None, "attempts": 1,
+              "check": fingerprint([r["id"] for r in check])}
+    assert (saved["stage"], saved["key"], saved["recipe"]) == ("student", fingerprint(recipe), recipe)
+    assert saved["steps_run"] == 2 and saved["attempts"] == [{"seed": 0, "steps_run": 2, "accuracy": saved["accuracy"]}]
+    weights = (student / "model.safetensors").stat().st_mtime_ns
+    assert train_student(tmp_path / "student", steps=2, log_every=1, check_rows=check) == student
+    assert (student / "model.safetensors").stat().st_mtime_ns == weights, "the same recipe is reused"
+
+    stronger = train_student(tmp_path / "stronger", steps=1, log_every=1, check_rows=check, start_from=student)
+    mine = json.loads((stronger / "manifest.json").read_text())
+    assert mine["recipe"]["start_from"] == tree_digest(student) and mine["key"] != saved["key"]
+    taught = (stronger / "model.safetensors").stat().st_mtime_ns
+    train_student(tmp_path / "stronger", steps=1, log_every=1, check_rows=check, start_from=student)
+    assert (stronger / "model.safetensors").stat().st_mtime_ns == taught
+
+    train_student(tmp_path / "student", steps=2, lr=5e-4, log_every=1, check_rows=check)  # taught again
+    assert (student / "model.safetensors").stat().st_mtime_ns != weights
+    train_student(tmp_path / "stronger", steps=1, log_every=1, check_rows=check, start_from=student)
+    assert (stronger / "model.safetensors").stat().st_mtime_ns != taught, "its start changed: taught again"
+    assert json.loads((stronger / "manifest.json").read_text())["recipe"]["start_from"] == tree_digest(student)

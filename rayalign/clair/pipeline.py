@@ -8,8 +8,9 @@ The stream, on Ray Data:
             -> shard writer (pairs and rejects, atomically, exactly once)
 
 Output under `clair.output` (default `<run_dir>/clair`): `pairs/`, `rejects/`,
-`invalid_prompts.jsonl` (prompt rows that failed validation), `summary.json`, `contrast.png`,
-`stage.json` (the settings that shaped the pairs) and `prompts.json` (a digest of each prompt).
+`invalid_prompts.jsonl` (prompt rows that failed validation), `contrast.png`, `stage.json` (the
+settings that shaped the pairs), `prompts.json` (a digest of each prompt) and, written last,
+`manifest.json` (the run's counts, throughput and contrast statistics, rayalign.stage.finish).
 A rerun into the same output sends only the units not done yet; one with other settings, or with
 a changed prompt under an id whose pairs are done, is refused, naming the keys or the id.
 """
@@ -28,7 +29,7 @@ from rayalign.clair.contrast import describe
 from rayalign.clair.outcomes import REASONS, ShardWriter, commit_stream, completed_ids, make_units
 from rayalign.clair.revision import judge_request, revision_request
 from rayalign.config import ConfigError, RunConfig
-from rayalign.stage import fingerprint, flatten, guard
+from rayalign.stage import finish, fingerprint, flatten, guard
 
 
 def output_dir(config: RunConfig) -> Path:
@@ -309,8 +310,8 @@ def summarize(config: RunConfig, out: Path, counts: list[dict], elapsed: float) 
                      "generated_tokens_per_s": round(this_run["generated_tokens"] / elapsed, 1) if elapsed else None},
         "contrast": {"jaccard": describe(jaccards, lo=0.0, hi=1.0), "levenshtein": describe(distances)},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_contrast(summary, out / "contrast.png")
+    finish(out, "clair", fingerprint(shaping_fields(config)), summary)  # last
     return summary
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from rayalign.config import EngineConfig, RunConfig
 from rayalign.records import load_pairs, write_shard
-from rayalign.stage import digest, tree_digest
+from rayalign.stage import digest, finish, finished, tree_digest
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -134,12 +134,12 @@ def prepare_pairs(config: RunConfig, precision: str, with_reference: bool) -> Pr
     inputs = fingerprint_inputs(config, precision, with_reference)
     fingerprint = digest(inputs)
     out = cache_root(config) / fingerprint[:16]
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
+    manifest = finished(out)
+    if manifest is not None:
+        manifest.setdefault("key", manifest.get("fingerprint"))  # a cache written before stage manifests
         check = manifest.get("check")  # backend vllm: measured when computed, on reference.batch_size pairs
         wanted = min(config.reference.batch_size, manifest.get("counts", {}).get("pairs", 0))
-        if manifest.get("fingerprint") == fingerprint and (not check or check["pairs"] >= wanted):
+        if manifest["key"] == fingerprint and (not check or check["pairs"] >= wanted):
             if check:  # the tolerance may have changed since
                 check_agreement(check, tolerance(config, precision), out)
             print(f"rayalign: reusing tokenized pairs{' and reference log-probs' * with_reference} from {out}")
@@ -178,12 +178,12 @@ def prepare_pairs(config: RunConfig, precision: str, with_reference: bool) -> Pr
     rejects = [{"file": str(config.train.pairs), "id": s["id"], "reason": s["reason"],
                 "raw": json.dumps(s["row"], ensure_ascii=False)} for s in report.skipped]
     write_shard(rejects, tmp / "rejects.jsonl")
-    manifest = {"fingerprint": fingerprint, "inputs": inputs, "counts": report.counts(),
-                "reference_model": reference_model(config) if with_reference else None,
-                "seconds": round(time.perf_counter() - start, 3)}
+    summary = {"inputs": inputs, "counts": report.counts(),
+               "reference_model": reference_model(config) if with_reference else None,
+               "seconds": round(time.perf_counter() - start, 3)}
     if check:
-        manifest["check"] = check
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        summary["check"] = check
+    manifest = finish(tmp, "reference", fingerprint, summary)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     if check:  # kept either way: a run with a tolerance it meets reuses them

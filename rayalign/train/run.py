@@ -4,7 +4,8 @@ reference log-probs, run the Ray Train TorchTrainer, and collect its outputs.
 Layout of `train.output` (default `<run_dir>/train`, a local directory):
   final/          the policy in Hugging Face format (safetensors, config, tokenizer)
   metrics.jsonl   one line of metrics per optimizer step; steps.jsonl: its example ids
-  tensorboard/    TensorBoard events;  curves.png: the curves;  summary.json: what run_train returns
+  tensorboard/    TensorBoard events;  curves.png: the curves
+  manifest.json   what run_train returns, under the run's key (rayalign.stage.finish), written last
 Ray Train's checkpoints go to `train.storage_path` (default `<train.output>/ray`; a local
 directory or an s3:// or gs:// URI) under a run name derived from everything that shapes the
 trajectory, so rerunning an interrupted run with the same config and data resumes it, while
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from rayalign import events
 from rayalign.config import ConfigError, RunConfig
-from rayalign.stage import digest, flatten, guard, tree_digest
+from rayalign.stage import digest, finish, finished, flatten, guard, summary_of, tree_digest
 
 # TrainConfig keys that do not change the trajectory, so they do not change the run name.
 _NOT_IN_RUN_ID = ("output", "storage_path", "max_failures", "keep_checkpoints", "checkpoint_every", "report_every",
@@ -87,14 +88,12 @@ def run_train(config: RunConfig) -> dict:
     if schedule.total_steps == 0:
         raise ConfigError(f"train.batch_size: ({train.batch_size}) is more than the {len(table)} usable pairs "
                           f"of {train.pairs}")
-    run_id = _run_id(config, prepared.manifest["fingerprint"], precision)
-    guard(output, shaping_fields(config, prepared.manifest["fingerprint"], precision), added=(MODEL_CONTENT,))
-    finished = output / "summary.json"
-    if finished.exists() and (output / "final").exists():
-        summary = json.loads(finished.read_text())
-        if summary.get("run_id") == run_id:
-            print(f"rayalign train: already trained with this config and data; model in {summary['final']}")
-            return summary
+    run_id = _run_id(config, prepared.manifest["key"], precision)
+    guard(output, shaping_fields(config, prepared.manifest["key"], precision), added=(MODEL_CONTENT,))
+    done = finished(output, run_id)
+    if done and (output / "final").exists():
+        print(f"rayalign train: already trained with this config and data; model in {done['final']}")
+        return summary_of(done)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -135,9 +134,9 @@ def run_train(config: RunConfig) -> dict:
         "pairs_file": str(prepared.path), "reference_reused": prepared.reused, "precision": precision,
         "checkpoints": result.path, "final_metrics": state["metrics"][-1],
         "packing": train.packing, "throughput": throughput(state["metrics"]),
-        "seconds": round(time.perf_counter() - start, 1), "run_id": run_id,
+        "seconds": round(time.perf_counter() - start, 1),
     }
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    finish(output, "train", run_id, summary)  # last: the run is complete
     print(f"rayalign train: done in {summary['seconds']}s; final loss {summary['final_metrics']['loss']:.4f}; "
           f"model in {summary['final']}")
     if summary["throughput"]:
