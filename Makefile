@@ -24,6 +24,7 @@ bench: setup
 	$(VENV)/bin/python bench/revisers.py
 	$(VENV)/bin/python bench/train_throughput.py
 	$(VENV)/bin/python bench/train_packing.py
+	$(VENV)/bin/python bench/packed_step_profile.py
 	$(VENV)/bin/python bench/reference_pass.py
 	$(VENV)/bin/python bench/serve_latency.py
 	$(VENV)/bin/python bench/serve_stalls.py
