@@ -96,6 +96,9 @@ def finish(out: Path, stage: str, key: str, summary: dict) -> dict:
     """Write `<out>/manifest.json` whole (a kill or a reader meanwhile never meets half a file):
     the stage's name, its key (the fingerprint of what shaped the output), when it finished, and
     its summary. A stage writes it last, after everything the summary describes."""
+    clash = sorted(set(summary) & set(ENVELOPE))
+    if clash:
+        raise ValueError(f"a {stage} summary may not hold {clash}: the manifest's own fields")
     record = {"stage": stage, "key": key,
               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), **summary}
     out = Path(out)

@@ -105,3 +105,21 @@ def test_a_student_is_reused_by_its_recipe_and_a_stronger_one_follows_its_starti
     train_student(tmp_path / "stronger", steps=1, log_every=1, check_rows=check, start_from=student)
     assert (stronger / "model.safetensors").stat().st_mtime_ns != taught, "its start changed: taught again"
     assert json.loads((stronger / "manifest.json").read_text())["recipe"]["start_from"] == tree_digest(student)
+
+
+def test_a_manifest_is_written_whole_and_read_back_only_under_its_key(tmp_path):
+    from rayalign.stage import finish, finished, summary_of
+
+    out = tmp_path / "train"
+    assert finished(out) is None and finished(out, "k1") is None
+    record = finish(out, "train", "k1", {"steps": 4, "final": "/m"})
+    saved = json.loads((out / "manifest.json").read_text())
+    assert saved == record and (saved["stage"], saved["key"], saved["steps"]) == ("train", "k1", 4)
+    assert saved["finished"].endswith("+00:00")  # UTC, to the second
+    assert finished(out, "k1") == saved and finished(out) == saved
+    assert finished(out, "k2") is None, "another key: not this output"
+    assert summary_of(saved) == {"steps": 4, "final": "/m"}
+    assert [p.name for p in out.iterdir()] == ["manifest.json"], "no temporary file left"
+    with pytest.raises(ValueError, match=r"a train summary may not hold \['key'\]"):
+        finish(out, "train", "k3", {"key": "mine"})
+    assert finished(out, "k1") == saved, "a refused summary changes nothing"
