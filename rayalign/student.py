@@ -8,6 +8,8 @@ others by a digit or two, which is what CLAIR's minimal revisions are for.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import shutil
 import time
@@ -51,7 +53,7 @@ def train_student(out_dir: str | Path, steps: int = 600, lr: float = 1e-3, batch
     if start_from:  # by content: a model taught again at the same path is another start
         recipe["start_from"] = tree_digest(start_from)
     key = fingerprint(recipe)
-    if finished(out, key):
+    if finished(out, key) or _kept_from_before(out, recipe, key, check_rows):
         return out
     # The manifest goes first: a run stopped mid-way must not leave a stale one beside new weights.
     (out / MANIFEST).unlink(missing_ok=True)
@@ -71,6 +73,23 @@ def train_student(out_dir: str | Path, steps: int = 600, lr: float = 1e-3, batch
     finish(out, "student", key, {"recipe": recipe, **history[-1], "attempts": history,
                                  "seconds": round(time.perf_counter() - started, 1)})
     return out
+
+
+def _kept_from_before(out: Path, recipe: dict, key: str, check_rows: list[dict] | None) -> bool:
+    """A student taught before stage manifests kept its record in student.json: with the same
+    recipe (then written with the check prompts' ids hashed as below) it is kept, and its record
+    becomes the manifest. One taught on from another model is taught again: its start was
+    recorded by path, not content."""
+    path = out / "student.json"
+    if "start_from" in recipe or not path.is_file():
+        return False
+    old = json.loads(path.read_text())
+    ids = json.dumps([r["id"] for r in check_rows or []]).encode()
+    if old.get("recipe") != {**recipe, "check": hashlib.sha256(ids).hexdigest()[:16]}:
+        return False
+    finish(out, "student", key, {**{k: v for k, v in old.items() if k != "recipe"}, "recipe": recipe})
+    path.unlink()
+    return True
 
 
 def _teach(out: Path, steps: int, lr: float, batch_size: int, seed: int, log_every: int,

@@ -93,6 +93,22 @@ def test_a_student_is_reused_by_its_recipe_and_a_stronger_one_follows_its_starti
     assert train_student(tmp_path / "student", steps=2, log_every=1, check_rows=check) == student
     assert (student / "model.safetensors").stat().st_mtime_ns == weights, "the same recipe is reused"
 
+    # A student taught before stage manifests (its record in student.json, the check prompts'
+    # ids hashed directly) is kept, and its record becomes the manifest.
+    import hashlib
+
+    old_recipe = {**recipe, "check": hashlib.sha256(json.dumps([r["id"] for r in check]).encode()).hexdigest()[:16]}
+    earlier = {"recipe": old_recipe, "seed": 0, "steps_run": 2, "accuracy": saved["accuracy"],
+               "attempts": saved["attempts"], "seconds": 1.5}
+    (student / "manifest.json").unlink()
+    (student / "student.json").write_text(json.dumps(earlier))
+    assert train_student(tmp_path / "student", steps=2, log_every=1, check_rows=check) == student
+    assert (student / "model.safetensors").stat().st_mtime_ns == weights
+    kept = json.loads((student / "manifest.json").read_text())
+    assert (kept["key"], kept["recipe"], kept["seconds"]) == (saved["key"], recipe, 1.5)
+    assert not (student / "student.json").exists()
+    saved = kept
+
     stronger = train_student(tmp_path / "stronger", steps=1, log_every=1, check_rows=check, start_from=student)
     mine = json.loads((stronger / "manifest.json").read_text())
     assert mine["recipe"]["start_from"] == tree_digest(student) and mine["key"] != saved["key"]
