@@ -57,14 +57,15 @@ def file_digest(path: Path) -> str:
 
 def tree_digest(path: str | Path, names: tuple[str, ...] | None = None) -> str:
     """Digest of a file, or of the non-hidden files under a directory (only `names` if given);
-    anything else is taken to be a hub name."""
+    anything else is taken to be a hub name. A directory's own `manifest.json` (the record a
+    stage keeps of it, whose time changes when the stage finishes again) is not its content."""
     path = Path(path)
     if path.is_file():
         return file_digest(path)
     if not path.is_dir():
         return "name:" + str(path)
     files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(path).parts))
+        part.startswith(".") for part in p.relative_to(path).parts) and p != path / MANIFEST)
     if names is not None:
         files = [p for p in files if p.name in names and p.parent == path]
     h = hashlib.sha256()

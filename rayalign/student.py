@@ -78,8 +78,9 @@ def train_student(out_dir: str | Path, steps: int = 600, lr: float = 1e-3, batch
 def _kept_from_before(out: Path, recipe: dict, key: str, check_rows: list[dict] | None) -> bool:
     """A student taught before stage manifests kept its record in student.json: with the same
     recipe (then written with the check prompts' ids hashed as below) it is kept, and its record
-    becomes the manifest. One taught on from another model is taught again: its start was
-    recorded by path, not content."""
+    becomes the manifest; student.json stays as it was, so the student's content digest, and the
+    reference log-probs and training keyed by it, stay the same. One taught on from another
+    model is taught again: its start was recorded by path, not content."""
     path = out / "student.json"
     if "start_from" in recipe or not path.is_file():
         return False
@@ -88,7 +89,6 @@ def _kept_from_before(out: Path, recipe: dict, key: str, check_rows: list[dict] 
     if old.get("recipe") != {**recipe, "check": hashlib.sha256(ids).hexdigest()[:16]}:
         return False
     finish(out, "student", key, {**{k: v for k, v in old.items() if k != "recipe"}, "recipe": recipe})
-    path.unlink()
     return True
 
 

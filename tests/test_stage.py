@@ -69,7 +69,12 @@ def test_a_model_is_fingerprinted_by_content_not_by_time(tmp_path):
     before = tree_digest(model)
     os.utime(model / "config.json", (1, 1))  # copied or touched: the same model
     (model / ".cache" / "lock").write_text("x")  # hidden files do not count
+    (model / "manifest.json").write_text('{"finished": "now"}')  # nor the record a stage keeps of it
     assert tree_digest(model) == before
+    (model / "sub").mkdir()
+    (model / "sub" / "manifest.json").write_text("{}")  # deeper down, a file like any other
+    assert tree_digest(model) != before
+    (model / "sub" / "manifest.json").unlink()
     (model / "config.json").write_text('{"hidden_size": 9}')
     assert tree_digest(model) != before
 
@@ -106,7 +111,7 @@ def test_a_student_is_reused_by_its_recipe_and_a_stronger_one_follows_its_starti
     assert (student / "model.safetensors").stat().st_mtime_ns == weights
     kept = json.loads((student / "manifest.json").read_text())
     assert (kept["key"], kept["recipe"], kept["seconds"]) == (saved["key"], recipe, 1.5)
-    assert not (student / "student.json").exists()
+    assert json.loads((student / "student.json").read_text()) == earlier  # left as it was
     saved = kept
 
     stronger = train_student(tmp_path / "stronger", steps=1, log_every=1, check_rows=check, start_from=student)
