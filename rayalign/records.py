@@ -431,9 +431,9 @@ def write_rows(rows: Iterable[dict], out_dir: str | os.PathLike, fmt: str = "jso
     for shard, start in enumerate(range(0, max(len(rows), 1), size)):
         path = out / f"part-{shard:05d}.{fmt}"
         if table is None:
-            _atomic_write(path, lambda tmp: _write_jsonl(rows[start:start + size], tmp))
+            atomic_write(path, lambda tmp: _write_jsonl(rows[start:start + size], tmp))
         else:
-            _atomic_write(path, lambda tmp: _write_parquet(table.slice(start, size), tmp))
+            atomic_write(path, lambda tmp: _write_parquet(table.slice(start, size), tmp))
         paths.append(path)
     return paths
 
@@ -451,10 +451,10 @@ def write_shard(rows: Iterable[dict], path: str | os.PathLike) -> Path:
     rows = _uniform(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "jsonl":
-        _atomic_write(path, lambda tmp: _write_jsonl(rows, tmp))
+        atomic_write(path, lambda tmp: _write_jsonl(rows, tmp))
     else:
         table = _to_table(rows, path)
-        _atomic_write(path, lambda tmp: _write_parquet(table, tmp))
+        atomic_write(path, lambda tmp: _write_parquet(table, tmp))
     return path
 
 
@@ -471,8 +471,9 @@ def _column_rank(key: str) -> int:
     return order.index(key) if key in order else len(order) + (key == "metadata")
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    # A reader never sees a half-written shard: it is written under a hidden name, then renamed.
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` then a rename onto `path`: a reader, or a kill meanwhile, never meets a
+    half-written file (a shard, a manifest); the hidden temporary file is never left behind."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 from rayalign.config import ConfigError
+from rayalign.records import atomic_write
 
 LARGE_FILE = 64 * 2**20
 SAMPLE = 8 * 2**20
@@ -102,11 +102,8 @@ def finish(out: Path, stage: str, key: str, summary: dict) -> dict:
         raise ValueError(f"a {stage} summary may not hold {clash}: the manifest's own fields")
     record = {"stage": stage, "key": key,
               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), **summary}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    part = out / f".{MANIFEST}.{os.getpid()}.tmp"
-    part.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(part, out / MANIFEST)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(out) / MANIFEST, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
     return record
 
 
